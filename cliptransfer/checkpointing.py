@@ -1,0 +1,237 @@
+"""Atomic, pickle-free training checkpoints that resume a run exactly.
+
+Layout of a run folder:
+    run/checkpoints/step-000120/   model.safetensors, optimizer.pt, scheduler.json,
+                                   rng-rank0.pt (one per rank), trainer_state.json
+    run/checkpoints/latest         text file naming the newest complete checkpoint
+
+A checkpoint is written into a temporary sibling folder and renamed into place, and `latest` is
+replaced atomically afterwards, so an interrupted save never leaves a checkpoint that looks
+complete. Everything is read back with safetensors or `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from cliptransfer.config import atomic_write_text
+
+
+@dataclass
+class TrainerState:
+    """Where the run stands: enough to continue mid-epoch."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    samples_seen: int = 0
+    config: dict[str, Any] = field(default_factory=dict)  # the resolved run config
+    extra: dict[str, Any] = field(default_factory=dict)  # counters, best metric, ...
+
+
+def rng_state() -> dict[str, Any]:
+    """All RNG states of this process, as tensors/ints only (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "kind": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(
+        (
+            n["kind"],
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
+    )
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    state: TrainerState,
+    model_state: dict[str, torch.Tensor] | None,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any | None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Any = None,
+    keep_last: int = 2,
+) -> Path:
+    """Write checkpoint `step-{state.step}` of `run_dir`; every rank calls it (each saves its RNG).
+
+    `model_state` is the unwrapped model's state dict (buffers included: e.g. DeCLIP's queue);
+    only rank 0's model/optimizer/scheduler are written since data parallelism keeps them equal.
+    `barrier` is a callable (e.g. `accelerator.wait_for_everyone`) for multi-process runs.
+    """
+    root = _checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state.step:07d}"
+    tmp = root / f".tmp-step-{state.step:07d}"
+    sync = barrier or (lambda: None)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    sync()
+    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    if rank == 0:
+        if model_state is not None:
+            tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
+            save_file(_untie(tensors), str(tmp / "model.safetensors"))
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if scheduler is not None:
+            (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+        meta = dict(state.__dict__, world_size=world_size)
+        (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    sync()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_text(root / "latest", final.name + "\n")
+        for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    sync()
+    return final
+
+
+def _untie(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors that share storage; clone the later duplicates.
+    seen: set[int] = set()
+    out = {}
+    for k, v in tensors.items():
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
+def find_checkpoint(run_dir: str | Path, which: str = "latest") -> Path:
+    """Resolve `--resume latest` (or a checkpoint folder path) to a complete checkpoint folder."""
+    if which != "latest":
+        path = Path(which)
+        if not (path / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"{path}: not a checkpoint folder (no trainer_state.json)")
+        return path
+    root = _checkpoint_root(run_dir)
+    pointer = root / "latest"
+    if not pointer.is_file():
+        raise FileNotFoundError(f"no checkpoint to resume in {root} (missing {pointer.name})")
+    path = root / pointer.read_text().strip()
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"{pointer} names {path.name}, which is incomplete or missing")
+    return path
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any | None,
+    *,
+    rank: int = 0,
+    config: dict[str, Any] | None = None,
+    ignore_keys: tuple[str, ...] = ("resume", "max_steps", "out_dir", "log_every", "save_every"),
+) -> TrainerState:
+    """Restore model/optimizer/scheduler/RNG from `path` and return the trainer state.
+
+    With `config`, the run's resolved config must match the saved one (keys in `ignore_keys`
+    excepted, e.g. the resume flag itself): resuming another run's checkpoint is an error that
+    names the differing keys.
+    """
+    path = Path(path)
+    meta = json.loads((path / "trainer_state.json").read_text())
+    world = meta.pop("world_size", 1)
+    state = TrainerState(**meta)
+    if config is not None:
+        diff = _config_diff(state.config, config, ignore_keys)
+        if diff:
+            shown = "; ".join(f"{k}: saved {a!r} vs now {b!r}" for k, a, b in diff[:8])
+            raise ValueError(f"{path} was written by a run with another config ({shown})")
+    if model is not None:
+        tensors = load_file(str(path / "model.safetensors"))
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{path / 'model.safetensors'} does not fit the model: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    if scheduler is not None:
+        scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
+    rng_file = path / f"rng-rank{rank}.pt"
+    if not rng_file.is_file():
+        raise FileNotFoundError(
+            f"{rng_file} missing: checkpoint was saved with {world} process(es)"
+        )
+    set_rng_state(torch.load(rng_file, weights_only=True))
+    return state
+
+
+def _config_diff(
+    saved: dict[str, Any], now: dict[str, Any], ignore: tuple[str, ...], prefix: str = ""
+) -> list[tuple[str, Any, Any]]:
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        name = f"{prefix}{key}"
+        if key in ignore or name in ignore:
+            continue
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_diff(a, b, ignore, prefix=f"{name}.")
+        elif a != b:
+            out.append((name, a, b))
+    return out
+
+
+def atomic_save_dir(write: Any, final: str | Path) -> Path:
+    """Call `write(tmp_dir)` and rename the folder to `final` only once it has fully succeeded."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    try:
+        write(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

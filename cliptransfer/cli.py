@@ -1,0 +1,96 @@
+"""The `cliptransfer` console script.
+
+    cliptransfer prepare shapes --out world [--size small] [--seed 0]
+    cliptransfer tokenizer train --input world/captions.txt --vocab-size 1000 --out tok/
+    cliptransfer info CHECKPOINT
+
+Each subcommand imports its module only when it runs, so `cliptransfer --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _prepare_shapes(args: argparse.Namespace) -> int:
+    from cliptransfer.data.shapes import prepare_shapes
+
+    out = prepare_shapes(args.out, size=args.size, seed=args.seed, overwrite=args.overwrite)
+    manifest = json.loads((Path(out) / "manifest.json").read_text())
+    print(json.dumps({"out": str(out), "counts": manifest.get("counts", {})}, indent=2))
+    return 0
+
+
+def _tokenizer_train(args: argparse.Namespace) -> int:
+    from cliptransfer.tokenization import train_sentencepiece
+
+    tok = train_sentencepiece(
+        Path(args.input),
+        args.vocab_size,
+        Path(args.out),
+        model_type=args.model_type,
+        character_coverage=args.character_coverage,
+        lower=args.lower,
+        context_length=args.context_length,
+    )
+    print(f"wrote {args.out} (vocab_size={tok.vocab_size}, context_length={tok.context_length})")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from cliptransfer.config import to_dict
+    from cliptransfer.models import load_clip
+
+    model = load_clip(args.checkpoint)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(json.dumps({"params": n_params, "config": to_dict(model.config)}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cliptransfer", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    prepare = sub.add_parser("prepare", help="generate or convert datasets")
+    prepare_sub = prepare.add_subparsers(dest="what", required=True)
+    shapes = prepare_sub.add_parser("shapes", help="write the embedded Shapes world (real formats)")
+    shapes.add_argument("--out", required=True, help="output folder")
+    shapes.add_argument("--size", default="small", help="tiny | small | medium")
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--overwrite", action="store_true", help="regenerate even if present")
+    shapes.set_defaults(func=_prepare_shapes)
+
+    tok = sub.add_parser("tokenizer", help="train SentencePiece tokenizers")
+    tok_sub = tok.add_subparsers(dest="what", required=True)
+    train = tok_sub.add_parser("train", help="train a SentencePiece model on a text file")
+    train.add_argument("--input", required=True, help="text file, one sentence per line")
+    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--out", required=True, help="output folder")
+    train.add_argument("--model-type", default="unigram", choices=["unigram", "bpe"])
+    train.add_argument("--character-coverage", type=float, default=0.9995)
+    train.add_argument("--lower", action="store_true", help="lowercase text before encoding")
+    train.add_argument("--context-length", type=int, default=77)
+    train.set_defaults(func=_tokenizer_train)
+
+    info = sub.add_parser("info", help="load a CLIP checkpoint and print its config")
+    info.add_argument("checkpoint", help="OpenAI/open_clip file, HF CLIPModel or project folder")
+    info.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        # Our loaders raise these with messages that name the file and record: show just that.
+        print(f"cliptransfer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

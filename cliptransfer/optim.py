@@ -1,0 +1,94 @@
+"""Optimizer parameter groups and the warmup + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def decays(param: torch.Tensor) -> bool:
+    """True if `param` gets weight decay: matrices and conv kernels only.
+
+    Biases, norm weights and scalars (logit scale and bias) are all < 2-d; this is open_clip's
+    rule without its name matching, which also caught unrelated names containing "ln" or "bn".
+    """
+    return param.ndim >= 2
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.0  # final lr as a fraction of the peak
+    grad_clip: float = 1.0  # max grad norm; 0 disables
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    lr_scales: dict[str, float] | None = None,
+) -> list[dict]:
+    """AdamW groups: decay / no-decay, and optionally a separate lr scale per name prefix.
+
+    `lr_scales={"visual.": 0.1}` puts the backbone in its own groups with 0.1x the base lr (the
+    end-to-end fine-tuning recipe). Frozen parameters are left out.
+    """
+    lr_scales = lr_scales or {}
+    groups: dict[tuple[float, bool], list[torch.Tensor]] = {}
+    names: dict[tuple[float, bool], list[str]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = next((s for prefix, s in lr_scales.items() if name.startswith(prefix)), 1.0)
+        key = (scale, decays(p))
+        groups.setdefault(key, []).append(p)
+        names.setdefault(key, []).append(name)
+    out = []
+    for (scale, decay), params in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1])):
+        out.append(
+            {
+                "params": params,
+                "weight_decay": weight_decay if decay else 0.0,
+                "lr_scale": scale,
+                "param_names": names[(scale, decay)],
+            }
+        )
+    return out
+
+
+def build_adamw(model: nn.Module, cfg: OptimConfig, lr_scales: dict[str, float] | None = None):
+    groups = param_groups(model, cfg.weight_decay, lr_scales)
+    for g in groups:
+        g["lr"] = cfg.lr * g["lr_scale"]
+    # torch's AdamW keeps unknown group keys (lr_scale, param_names) in its state_dict untouched.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup from 0 to the peak over `warmup_steps`, then cosine decay to min_lr_ratio."""
+
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def trainable_summary(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params: Iterable[torch.Tensor] = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    return trainable, total
