@@ -2,6 +2,8 @@
 
     cliptransfer prepare shapes --out world [--size small] [--seed 0]
     cliptransfer tokenizer train --input world/captions.txt --vocab-size 1000 --out tok/
+    cliptransfer evaluate vqa --questions Q.json --annotations A.json --results R.json [--legacy]
+    cliptransfer evaluate snli-ve --data snli_ve_test.jsonl --results R.json
     cliptransfer info CHECKPOINT
 
 Each subcommand imports its module only when it runs, so `cliptransfer --help` stays fast.
@@ -41,6 +43,21 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_vqa(args: argparse.Namespace) -> int:
+    from cliptransfer.metrics.vqa import evaluate_vqa_files
+
+    result = evaluate_vqa_files(args.questions, args.annotations, args.results, legacy=args.legacy)
+    print(json.dumps(result))
+    return 0
+
+
+def _evaluate_snli_ve(args: argparse.Namespace) -> int:
+    from cliptransfer.metrics.snli_ve import evaluate_snli_ve_files
+
+    print(json.dumps(evaluate_snli_ve_files(args.data, args.results)))
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from cliptransfer.config import to_dict
     from cliptransfer.models import load_clip
@@ -75,6 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lower", action="store_true", help="lowercase text before encoding")
     train.add_argument("--context-length", type=int, default=77)
     train.set_defaults(func=_tokenizer_train)
+
+    ev = sub.add_parser("evaluate", help="official task metrics on a results file")
+    ev_sub = ev.add_subparsers(dest="what", required=True)
+    vqa = ev_sub.add_parser("vqa", help="VQA accuracy exactly as the official GT-Vision-Lab scorer")
+    vqa.add_argument("--questions", help="v2_OpenEnded_mscoco_*_questions.json")
+    vqa.add_argument("--annotations", required=True, help="v2_mscoco_*_annotations.json")
+    vqa.add_argument("--results", required=True, help='EvalAI results [{"question_id", "answer"}]')
+    vqa.add_argument("--legacy", action="store_true", help="the pre-2021 scorer")
+    vqa.set_defaults(func=_evaluate_vqa)
+    ve = ev_sub.add_parser("snli-ve", help="SNLI-VE accuracy overall and per label")
+    ve.add_argument("--data", required=True, help="snli_ve_*.jsonl with gold_label and pairID")
+    ve.add_argument("--results", required=True, help='[{"pairID", "label"}]')
+    ve.set_defaults(func=_evaluate_snli_ve)
 
     info = sub.add_parser("info", help="load a CLIP checkpoint and print its config")
     info.add_argument("checkpoint", help="OpenAI/open_clip file, HF CLIPModel or project folder")
