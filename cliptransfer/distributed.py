@@ -1,0 +1,86 @@
+"""Rank/world helpers and all-gather with gradients.
+
+Every helper is a no-op when torch.distributed is unavailable, not initialised, or the world has
+one process, so the same loss code runs under `python script.py` and `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "gather_no_grad",
+    "gather_with_grad",
+    "is_distributed",
+    "reduce_sum",
+    "world_info",
+]
+
+
+def is_distributed() -> bool:
+    """True when torch.distributed is initialised with more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_info() -> tuple[int, int]:
+    """(rank, world_size) of the default process group; (0, 1) when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward sums the gradient over ranks (reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        grad = grad.contiguous()
+        if dist.get_backend() == dist.Backend.NCCL:
+            out = grad.new_empty((grad.shape[0] // world, *grad.shape[1:]))
+            dist.reduce_scatter_tensor(out, grad, op=dist.ReduceOp.SUM)
+            return out
+        # gloo has no reduce-scatter: all-reduce the whole gradient and keep our block.
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad.chunk(world, dim=0)[rank].contiguous()
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` (B, ...) from all ranks in rank order -> (world*B, ...), keeping gradients.
+
+    The backward pass sums the incoming gradient over ranks (reduce-scatter), so each rank's
+    features receive the gradient of every rank's loss. With DDP's gradient averaging this makes
+    the per-rank "local rows x gathered columns" loss exactly equal to the global loss.
+    Every rank must pass the same shape (use drop_last=True in the sampler).
+    """
+    if not is_distributed():
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+@torch.no_grad()
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` (B, ...) from all ranks in rank order -> (world*B, ...), without gradients."""
+    if not is_distributed():
+        return x.detach()
+    x = x.detach().contiguous()
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x)
+    return torch.cat(out, dim=0)
+
+
+@torch.no_grad()
+def reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of `x` over ranks (a new detached tensor; `x` itself is not modified)."""
+    x = x.detach().clone()
+    if is_distributed():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
