@@ -16,7 +16,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from cliptransfer.config import atomic_write_text
+from cliptransfer.fileio import atomic_save_dir, atomic_write_text
+
+__all__ = [
+    "TrainerState",
+    "atomic_save_dir",
+    "find_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+]
 
 
 @dataclass
@@ -219,19 +226,3 @@ def _config_diff(
         elif a != b:
             out.append((name, a, b))
     return out
-
-
-def atomic_save_dir(write: Any, final: str | Path) -> Path:
-    """Call `write(tmp_dir)` and rename the folder to `final` only once it has fully succeeded."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
-    try:
-        write(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final

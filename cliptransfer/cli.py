@@ -27,6 +27,18 @@ def _prepare_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shapes_tokenizer(args: argparse.Namespace) -> int:
+    import warnings
+
+    from cliptransfer.defaults import build_shapes_tokenizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the expected "vocab clamped" note
+        tok = build_shapes_tokenizer(args.world, args.out)
+    print(f"wrote {args.out} (vocab_size={tok.vocab_size}, context_length={tok.context_length})")
+    return 0
+
+
 def _tokenizer_train(args: argparse.Namespace) -> int:
     from cliptransfer.tokenization import train_sentencepiece
 
@@ -80,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--overwrite", action="store_true", help="regenerate even if present")
     shapes.set_defaults(func=_prepare_shapes)
+
+    st = prepare_sub.add_parser("shapes-tokenizer", help="train the Shapes SentencePiece model")
+    st.add_argument("--world", required=True, help="a Shapes world folder")
+    st.add_argument("--out", required=True, help="output tokenizer folder")
+    st.set_defaults(func=_shapes_tokenizer)
 
     tok = sub.add_parser("tokenizer", help="train SentencePiece tokenizers")
     tok_sub = tok.add_subparsers(dest="what", required=True)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import tempfile
 import types
 import typing
 from collections.abc import Sequence
@@ -18,6 +16,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+from cliptransfer.fileio import atomic_write_text
 
 T = TypeVar("T")
 
@@ -222,20 +222,6 @@ def save_config(obj: Any, path: str | Path) -> Path:
     text = yaml.safe_dump(to_dict(obj), sort_keys=False)
     atomic_write_text(path, text)
     return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def add_config_args(parser: argparse.ArgumentParser, default_config: str | None = None) -> None:

@@ -218,7 +218,7 @@ def test_wrong_shape_reports_key_and_both_shapes(tmp_path):
     msg = str(err.value)
     # the first mismatch in the model's own key order, with checkpoint and model shapes
     assert "m.pt" in msg and "'positional_embedding'" in msg
-    assert "checkpoint (16, 64) vs model (32, 128)" in msg
+    assert "checkpoint (16, 64) vs model (48, 128)" in msg
 
 
 def test_missing_keys_listed(tmp_path):

@@ -51,7 +51,7 @@ def test_overrides_top_level_and_nested():
     model = create_clip("RN-tiny", quick_gelu=True, text={"layers": 3, "width": 64, "heads": 1})
     cfg = model.config
     assert cfg.quick_gelu and cfg.text.layers == 3 and cfg.text.width == 64
-    assert cfg.text.context_length == 32  # untouched nested field kept
+    assert cfg.text.context_length == 48  # untouched nested field kept
     assert len(model.transformer.resblocks) == 3
     assert model.text_projection.shape == (64, 128)
     with pytest.raises(ValueError, match="unknown CLIP config field 'depth'"):
@@ -133,7 +133,7 @@ def test_forward_shapes_and_logit_scale(arch):
     assert isinstance(out, CLIPOutput)
     assert out.image_embeds.shape == (4, 128) and out.text_embeds.shape == (4, 128)
     assert math.isclose(out.logit_scale.item(), 1 / 0.07, rel_tol=1e-6)
-    assert model.image_size == 64 and model.context_length == 32
+    assert model.image_size == 64 and model.context_length == 48
     # unnormalized, like OpenAI
     assert not torch.allclose(out.image_embeds.norm(dim=-1), torch.ones(4))
 
@@ -180,8 +180,8 @@ def test_bad_token_ids_raise_clear_errors():
     model = _tiny("ViT-tiny")
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 1024\)"):
         model.encode_text(torch.full((1, 8), 5000))
-    with pytest.raises(ValueError, match="exceeds context_length 32"):
-        model.encode_text(torch.ones(1, 40, dtype=torch.long))
+    with pytest.raises(ValueError, match="exceeds context_length 48"):
+        model.encode_text(torch.ones(1, 60, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\(B, L\) integer tensor"):
         model.encode_text(torch.ones(8))
     with pytest.raises(ValueError, match=r"pixels must be \(B, 3, H, W\)"):

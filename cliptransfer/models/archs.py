@@ -168,12 +168,12 @@ ARCHS: dict[str, CLIPConfig] = {
     "RN-tiny": CLIPConfig(
         embed_dim=128,
         vision=VisionConfig(kind="resnet", image_size=64, width=8, layers=(1, 1, 1, 1), heads=4),
-        text=TextConfig(context_length=32, vocab_size=1024, width=128, heads=2, layers=2),
+        text=TextConfig(context_length=48, vocab_size=1024, width=128, heads=2, layers=2),
     ),
     "ViT-tiny": CLIPConfig(
         embed_dim=128,
         vision=VisionConfig(kind="vit", image_size=64, width=128, layers=2, heads=2, patch_size=8),
-        text=TextConfig(context_length=32, vocab_size=1024, width=128, heads=2, layers=2),
+        text=TextConfig(context_length=48, vocab_size=1024, width=128, heads=2, layers=2),
     ),
 }
 

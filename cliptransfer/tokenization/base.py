@@ -8,8 +8,6 @@ Truncation keeps SOT and EOT (drops tokens from the end), like open_clip's `toke
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -124,18 +122,6 @@ class Tokenizer(ABC):
             f"{self.context_length}, sot_id={self.sot_id}, eot_id={self.eot_id}, "
             f"mask_id={self.mask_id})"
         )
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    # Temp file + rename: an interrupted save never leaves a half-written model beside its config.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -14,11 +14,11 @@ from typing import Any
 
 import sentencepiece as spm
 
+from cliptransfer.fileio import atomic_write_bytes
 from cliptransfer.tokenization.base import (
     CONFIG_FILE,
     DEFAULT_CONTEXT_LENGTH,
     Tokenizer,
-    atomic_write,
     read_json,
 )
 
@@ -121,9 +121,9 @@ class SentencePieceTokenizer(Tokenizer):
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(folder / SP_MODEL_FILE, self._model_proto)
+        atomic_write_bytes(folder / SP_MODEL_FILE, self._model_proto)
         text = json.dumps(self.config(), indent=2, ensure_ascii=False) + "\n"
-        atomic_write(folder / CONFIG_FILE, text.encode("utf-8"))
+        atomic_write_bytes(folder / CONFIG_FILE, text.encode("utf-8"))
         return folder
 
     def _prepare(self, text: str) -> str:

@@ -1,0 +1,169 @@
+"""Image-text pair sources: JSONL/CSV files, webdataset tar shards, and `datasets` datasets.
+
+All sources become a list of `PairRecord`s with random access, so one seeded sampler orders the
+data and a run can resume mid-epoch. Tar shards are indexed once (member offsets) and read by seek.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+IMAGE_KEYS = ("image", "filepath", "image_path", "file_name", "img")
+TEXT_KEYS = ("caption", "title", "text", "sentence")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass(frozen=True)
+class PairRecord:
+    """One image-text pair. `image` is a path, or `tar://SHARD#OFFSET:SIZE` inside a shard."""
+
+    image: str
+    caption: str
+    source: str  # "file:line" (or shard#key): named in every error about this record
+
+
+def _pick(row: dict, keys: Sequence[str], what: str, where: str) -> str:
+    for k in keys:
+        if k in row and row[k] is not None:
+            return str(row[k])
+    raise ValueError(f"{where}: no {what} field (looked for {', '.join(keys)}; got {sorted(row)})")
+
+
+def _resolve(image: str, root: Path) -> str:
+    p = Path(image)
+    return str(p if p.is_absolute() else root / p)
+
+
+def read_jsonl(path: Path, image_root: Path | None = None) -> list[PairRecord]:
+    root = image_root or path.parent
+    out = []
+    with path.open() as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
+            image = _pick(row, IMAGE_KEYS, "image", where)
+            caption = _pick(row, TEXT_KEYS, "caption", where)
+            out.append(PairRecord(_resolve(image, root), caption, where))
+    return out
+
+
+def read_csv(path: Path, image_root: Path | None = None) -> list[PairRecord]:
+    """open_clip's CSV (tab separated, `filepath`/`title` header) or a comma CSV with a header."""
+    root = image_root or path.parent
+    text = path.read_text()
+    first = text.split("\n", 1)[0]
+    delimiter = "\t" if "\t" in first else ","
+    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
+    out = []
+    for line_no, row in enumerate(reader, 2):
+        where = f"{path}:{line_no}"
+        if None in row or any(v is None for v in row.values()):
+            raise ValueError(f"{where}: wrong number of fields (header: {reader.fieldnames})")
+        image = _pick(row, IMAGE_KEYS, "image", where)
+        caption = _pick(row, TEXT_KEYS, "caption", where)
+        out.append(PairRecord(_resolve(image, root), caption, where))
+    return out
+
+
+def index_shard(path: Path) -> list[PairRecord]:
+    """Index a webdataset tar: group members by key, keep (offset, size) of the image and text."""
+    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+    try:
+        with tarfile.open(path) as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                base = m.name.rsplit("/", 1)[-1]
+                key, _, ext = base.partition(".")
+                prefix = m.name[: len(m.name) - len(base)]
+                groups.setdefault(prefix + key, {})[ext.lower()] = m
+    except tarfile.TarError as e:
+        raise ValueError(f"{path}: unreadable tar shard ({e})") from None
+    out = []
+    for key, members in groups.items():
+        img = next((members[e] for e in IMAGE_EXTS if e in members), None)
+        txt = members.get("txt")
+        where = f"{path}#{key}"
+        if img is None or txt is None:
+            raise ValueError(f"{where}: sample needs an image ({'/'.join(IMAGE_EXTS)}) and a .txt")
+        with tarfile.open(path) as tar:
+            f = tar.extractfile(txt)
+            caption = f.read().decode("utf-8") if f else ""
+        out.append(PairRecord(f"tar://{path}#{img.offset_data}:{img.size}", caption, where))
+    return out
+
+
+def read_hf_dataset(path: Path, image_column: str = "image", text_column: str = "text"):
+    """A dataset saved with `datasets.Dataset.save_to_disk`: image paths or bytes, and captions."""
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise ValueError(f"{path}: DatasetDict without a 'train' split ({list(ds)})")
+        ds = ds["train"]
+    for col in (image_column, text_column):
+        if col not in ds.column_names:
+            raise ValueError(f"{path}: no column {col!r} (columns: {ds.column_names})")
+    return ds
+
+
+def load_pairs(spec: str | Path, image_root: str | Path | None = None) -> list[PairRecord]:
+    """Read pairs from a .jsonl/.csv/.tsv file, a .tar shard, a folder of shards, or a glob."""
+    spec = str(spec)
+    root = Path(image_root) if image_root else None
+    if any(c in spec for c in "*?["):
+        paths = (
+            sorted(Path().glob(spec))
+            if not Path(spec).is_absolute()
+            else sorted(Path("/").glob(spec.lstrip("/")))
+        )
+        if not paths:
+            raise FileNotFoundError(f"no files match {spec}")
+        return [r for p in paths for r in load_pairs(p, image_root)]
+    path = Path(spec)
+    if path.is_dir():
+        shards = sorted(path.glob("*.tar"))
+        if not shards:
+            raise FileNotFoundError(f"{path}: folder without .tar shards")
+        return [r for s in shards for r in index_shard(s)]
+    if not path.is_file():
+        raise FileNotFoundError(f"pairs file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return read_jsonl(path, root)
+    if suffix in (".csv", ".tsv"):
+        return read_csv(path, root)
+    if suffix == ".tar":
+        return index_shard(path)
+    raise ValueError(f"{path}: unknown pairs format (use .jsonl, .csv/.tsv, .tar shards)")
+
+
+def open_image(ref: str) -> Image.Image:
+    """Decode an image path or `tar://` reference into an RGB PIL image (raises on corrupt data)."""
+    if ref.startswith("tar://"):
+        shard, _, span = ref[len("tar://") :].rpartition("#")
+        offset, size = (int(v) for v in span.split(":"))
+        with open(shard, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise OSError(f"{shard}: truncated at offset {offset}")
+        img = Image.open(io.BytesIO(data))
+    else:
+        img = Image.open(ref)
+    img.load()
+    return img.convert("RGB")

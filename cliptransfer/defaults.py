@@ -1,0 +1,57 @@
+"""Assets shipped in the package: the Shapes tokenizer and the default pretrained tiny CLIP.
+
+Both were made by commands in this repository (see `cliptransfer/assets/README.md`), so a fresh
+clone runs every script with no download and no extra step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+SHAPES_TOKENIZER = ASSETS / "shapes_tokenizer"
+DEFAULT_CLIP = ASSETS / "clip_rn_tiny_shapes"
+
+
+def resolve_tokenizer(name: str | Path, context_length: int | None = None):
+    """ "shapes" -> the packaged Shapes SentencePiece tokenizer; anything else is a path."""
+    from cliptransfer.tokenization import load_tokenizer
+
+    path = SHAPES_TOKENIZER if str(name) == "shapes" else Path(name)
+    return load_tokenizer(path, context_length=context_length)
+
+
+def shapes_text_corpus(world: str | Path) -> list[str]:
+    """Every sentence a Shapes task feeds the text tower: captions, VQA questions and answers,
+    SNLI-VE hypotheses (train splits only)."""
+    import json
+
+    world = Path(world)
+    lines = (world / "captions.txt").read_text().splitlines()
+    questions = json.loads((world / "vqa/v2_OpenEnded_mscoco_train2014_questions.json").read_text())
+    lines += [q["question"] for q in questions["questions"]]
+    annotations = json.loads((world / "vqa/v2_mscoco_train2014_annotations.json").read_text())
+    lines += sorted({a["answer"] for q in annotations["annotations"] for a in q["answers"]})
+    with (world / "snli_ve/snli_ve_train.jsonl").open() as f:
+        lines += [json.loads(line)["sentence2"] for line in f if line.strip()]
+    return lines
+
+
+def build_shapes_tokenizer(world: str | Path, out: str | Path = SHAPES_TOKENIZER):
+    """Train the packaged Shapes tokenizer (context 48, as the tiny CLIP configs) on a world."""
+    import tempfile
+
+    from cliptransfer.tokenization import train_sentencepiece
+
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.txt"
+        corpus.write_text("\n".join(shapes_text_corpus(world)) + "\n")
+        # 1000 requested: the small grammar supports fewer pieces; training clamps and says so.
+        return train_sentencepiece(corpus, 1000, Path(out), context_length=48)
+
+
+def resolve_clip(name: str | Path):
+    """ "default" -> the packaged tiny CLIP pretrained on the Shapes world; else `load_clip(path)`."""
+    from cliptransfer.models import load_clip
+
+    return load_clip(DEFAULT_CLIP if str(name) == "default" else Path(name))
