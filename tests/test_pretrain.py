@@ -131,3 +131,19 @@ def test_pairs_formats_agree(tiny_world):
         bad = tiny_world.parent / "bad.jsonl"
         bad.write_text('{"image": "a.jpg", "caption": "x"}\n{"image": \n')
         load_pairs(bad)
+
+
+def test_datasets_folder_source(tmp_path):
+    import datasets
+
+    images = [Image.new("RGB", (20, 10), c) for c in ((255, 0, 0), (0, 0, 255))]
+    ds = datasets.Dataset.from_dict(
+        {"image": images, "text": ["red", "blue"]},
+        features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")}),
+    )
+    ds.save_to_disk(str(tmp_path / "ds"))
+    records = load_pairs(tmp_path / "ds")
+    assert [r.caption for r in records] == ["red", "blue"]
+    from cliptransfer.data.pairs import open_image
+
+    assert open_image(records[1].image).getpixel((0, 0)) == (0, 0, 255)

@@ -7,6 +7,7 @@ data and a run can resume mid-epoch. Tar shards are indexed once (member offsets
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import tarfile
@@ -106,23 +107,45 @@ def index_shard(path: Path) -> list[PairRecord]:
     return out
 
 
-def read_hf_dataset(path: Path, image_column: str = "image", text_column: str = "text"):
-    """A dataset saved with `datasets.Dataset.save_to_disk`: image paths or bytes, and captions."""
+def _is_hf_dataset(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("state.json", "dataset_dict.json"))
+
+
+@functools.lru_cache(maxsize=4)
+def _hf_dataset(path: str):
+    """A dataset saved with `datasets.Dataset.save_to_disk` (its "train" split for a DatasetDict);
+    cached per process so DataLoader workers memory-map it once."""
     import datasets
 
-    ds = datasets.load_from_disk(str(path))
+    ds = datasets.load_from_disk(path)
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise ValueError(f"{path}: DatasetDict without a 'train' split ({list(ds)})")
         ds = ds["train"]
-    for col in (image_column, text_column):
-        if col not in ds.column_names:
-            raise ValueError(f"{path}: no column {col!r} (columns: {ds.column_names})")
     return ds
 
 
+def read_hf_dataset(path: Path) -> list[PairRecord]:
+    """Pairs from a saved `datasets` dataset with an image column (Image feature, path or bytes)
+    and a caption column; images are decoded lazily through `hfds://` references."""
+    ds = _hf_dataset(str(path))
+    image_col = next((c for c in IMAGE_KEYS if c in ds.column_names), None)
+    text_col = next((c for c in TEXT_KEYS if c in ds.column_names), None)
+    if image_col is None or text_col is None:
+        raise ValueError(
+            f"{path}: needs an image column ({', '.join(IMAGE_KEYS)}) and a caption column "
+            f"({', '.join(TEXT_KEYS)}); columns are {ds.column_names}"
+        )
+    captions = ds[text_col]  # text only: the image column is not decoded here
+    return [
+        PairRecord(f"hfds://{path}#{image_col}:{i}", str(c), f"{path}#{i}")
+        for i, c in enumerate(captions)
+    ]
+
+
 def load_pairs(spec: str | Path, image_root: str | Path | None = None) -> list[PairRecord]:
-    """Read pairs from a .jsonl/.csv/.tsv file, a .tar shard, a folder of shards, or a glob."""
+    """Read pairs from a .jsonl/.csv/.tsv file, a .tar shard, a folder of shards, a glob, or a
+    `datasets` dataset folder (written by `save_to_disk`)."""
     spec = str(spec)
     root = Path(image_root) if image_root else None
     if any(c in spec for c in "*?["):
@@ -135,6 +158,8 @@ def load_pairs(spec: str | Path, image_root: str | Path | None = None) -> list[P
             raise FileNotFoundError(f"no files match {spec}")
         return [r for p in paths for r in load_pairs(p, image_root)]
     path = Path(spec)
+    if path.is_dir() and _is_hf_dataset(path):
+        return read_hf_dataset(path)
     if path.is_dir():
         shards = sorted(path.glob("*.tar"))
         if not shards:
@@ -163,6 +188,20 @@ def open_image(ref: str) -> Image.Image:
         if len(data) != size:
             raise OSError(f"{shard}: truncated at offset {offset}")
         img = Image.open(io.BytesIO(data))
+    elif ref.startswith("hfds://"):
+        path, _, span = ref[len("hfds://") :].rpartition("#")
+        column, _, row = span.rpartition(":")
+        value = _hf_dataset(path)[int(row)][column]
+        if isinstance(value, Image.Image):
+            img = value
+        elif isinstance(value, dict) and value.get("bytes"):
+            img = Image.open(io.BytesIO(value["bytes"]))
+        elif isinstance(value, dict) and value.get("path"):
+            img = Image.open(value["path"])
+        elif isinstance(value, str):
+            img = Image.open(value if Path(value).is_absolute() else Path(path) / value)
+        else:
+            raise ValueError(f"{path} row {row}: unsupported image value {type(value).__name__}")
     else:
         img = Image.open(ref)
     img.load()
