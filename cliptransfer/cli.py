@@ -2,6 +2,8 @@
 
     cliptransfer prepare shapes --out world [--size small] [--seed 0]
     cliptransfer tokenizer train --input world/captions.txt --vocab-size 1000 --out tok/
+    cliptransfer extract grid --backbone CKPT --images DIR --size 600x1000 --out STORE
+    cliptransfer extract import-regions trainval_36.tsv --out STORE
     cliptransfer evaluate vqa --questions Q.json --annotations A.json --results R.json [--legacy]
     cliptransfer evaluate snli-ve --data snli_ve_test.jsonl --results R.json
     cliptransfer info CHECKPOINT
@@ -70,6 +72,40 @@ def _evaluate_snli_ve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _extract_grid(args: argparse.Namespace) -> int:
+    from accelerate import Accelerator
+
+    from cliptransfer.features.extract import extract_grids, parse_size
+
+    accelerator = Accelerator(cpu=args.cpu)
+    stats = extract_grids(
+        args.backbone,
+        args.images,
+        args.out,
+        size=parse_size(args.size),
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        storage=args.storage,
+        accelerator=accelerator,
+        num_workers=args.num_workers,
+        progress=True,
+    )
+    if accelerator.is_main_process:
+        print(json.dumps(stats, indent=2, default=str))
+    accelerator.end_training()
+    return 0
+
+
+def _import_regions(args: argparse.Namespace) -> int:
+    from cliptransfer.features.regions import import_regions
+
+    stats = import_regions(
+        args.paths, args.out, skip_bad=args.skip_bad, storage=args.storage, index=args.index
+    )
+    print(json.dumps(stats, indent=2, default=str))
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from cliptransfer.config import to_dict
     from cliptransfer.models import load_clip
@@ -109,6 +145,29 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lower", action="store_true", help="lowercase text before encoding")
     train.add_argument("--context-length", type=int, default=77)
     train.set_defaults(func=_tokenizer_train)
+
+    ex = sub.add_parser("extract", help="offline features into a feature store")
+    ex_sub = ex.add_subparsers(dest="what", required=True)
+    grid = ex_sub.add_parser(
+        "grid", help="CLIP grid features (resumable; accelerate launch shards)"
+    )
+    grid.add_argument("--backbone", default="default", help="checkpoint, arch name or 'default'")
+    grid.add_argument("--images", required=True, help="image folder (or a file listing images)")
+    grid.add_argument("--size", default="600x1000", help="input HxW, e.g. 600x1000")
+    grid.add_argument("--out", required=True, help="feature store folder")
+    grid.add_argument("--batch-size", type=int, default=8)
+    grid.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    grid.add_argument("--storage", default="float32", choices=["float32", "float16"])
+    grid.add_argument("--num-workers", type=int, default=0)
+    grid.add_argument("--cpu", action="store_true", help="force CPU")
+    grid.set_defaults(func=_extract_grid)
+    reg = ex_sub.add_parser("import-regions", help="BUTD TSV / LXMERT TSV / HDF5 regions -> store")
+    reg.add_argument("paths", nargs="+", help="region feature files (format auto-detected)")
+    reg.add_argument("--out", required=True, help="feature store folder")
+    reg.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed lines")
+    reg.add_argument("--storage", default="float32", choices=["float32", "float16"])
+    reg.add_argument("--index", help="HDF5 image-id index (.pkl read safely, or .json)")
+    reg.set_defaults(func=_import_regions)
 
     ev = sub.add_parser("evaluate", help="official task metrics on a results file")
     ev_sub = ev.add_subparsers(dest="what", required=True)

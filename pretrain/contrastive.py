@@ -60,8 +60,10 @@ class WorldConfig:
 class ModelConfig:
     arch: str = "RN-tiny"
     init: str | None = None  # start from a checkpoint (OpenAI/open_clip file, HF or own folder)
-    text_layers: int | None = None  # the "curtailed text encoder" knob
-    text_width: int | None = None
+    # Field overrides of the architecture, e.g. --set model.text.layers=4 (the CLIP-benchmark
+    # "curtailed text encoder" knob) or --set model.vision.width=16.
+    vision: dict[str, int] = field(default_factory=dict)
+    text: dict[str, int] = field(default_factory=dict)
     quick_gelu: bool | None = None
 
 
@@ -70,7 +72,7 @@ class TrainConfig:
     out_dir: str = "runs/pretrain"
     seed: int = 0
     batch_size: int = 64  # per process
-    epochs: int = 12
+    epochs: int = 5
     max_steps: int | None = None  # overrides epochs when set
     grad_accum: int = 1
     precision: Literal["no", "bf16", "fp16"] = "no"
@@ -90,19 +92,17 @@ class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def build_clip(cfg: PretrainConfig, vocab_size: int, context_length: int):
     if cfg.model.init:
         return load_clip(cfg.model.init)
-    text = {"vocab_size": vocab_size, "context_length": context_length}
-    if cfg.model.text_layers is not None:
-        text["layers"] = cfg.model.text_layers
-    if cfg.model.text_width is not None:
-        text["width"] = cfg.model.text_width
+    text = {"vocab_size": vocab_size, "context_length": context_length, **cfg.model.text}
     extra = {} if cfg.model.quick_gelu is None else {"quick_gelu": cfg.model.quick_gelu}
+    if cfg.model.vision:
+        extra["vision"] = dict(cfg.model.vision)
     return create_clip(cfg.model.arch, text=text, **extra)
 
 

@@ -53,3 +53,48 @@ def test_evaluate_vqa_on_world_and_bad_results(tiny_world, tmp_path, capsys):
 def test_unknown_size_is_a_clean_error(tmp_path, capsys):
     assert main(["prepare", "shapes", "--out", str(tmp_path / "w"), "--size", "huge"]) == 2
     assert "huge" in capsys.readouterr().err
+
+
+def test_extract_grid_and_import_regions(tiny_world, tmp_path, capsys):
+    import numpy as np
+
+    from cliptransfer.features.regions import write_tsv
+    from cliptransfer.features.store import FeatureStore
+
+    store = tmp_path / "grids"
+    args = ["extract", "grid", "--backbone", "ViT-tiny", "--images"]
+    args += [str(tiny_world / "images" / "val2014"), "--size", "64x96", "--out", str(store)]
+    assert main([*args, "--cpu"]) == 0
+    grids = FeatureStore.open(store)
+    first = grids[grids.ids()[0]]
+    assert first["features"].shape == (8 * 12, 128) and tuple(first["grid_hw"]) == (8, 12)
+    assert len(grids) == 24
+    assert main([*args, "--cpu"]) == 0  # resumable: a second run finds everything done
+
+    rng = np.random.default_rng(0)
+    records = [
+        {
+            "image_id": str(i),
+            "image_w": 160,
+            "image_h": 120,
+            "boxes": rng.uniform(0, 100, (n, 4)).astype(np.float32),
+            "features": rng.standard_normal((n, 16)).astype(np.float32),
+        }
+        for i, n in ((7, 10), (8, 36))
+    ]
+    write_tsv(tmp_path / "regions.tsv", records)
+    assert (
+        main(
+            [
+                "extract",
+                "import-regions",
+                str(tmp_path / "regions.tsv"),
+                "--out",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 0
+    )
+    regions = FeatureStore.open(tmp_path / "r")
+    np.testing.assert_array_equal(regions["8"]["features"].numpy(), records[1]["features"])
+    assert regions["7"]["image_w"] == 160 and regions["7"]["boxes"].shape == (10, 4)

@@ -34,7 +34,7 @@ class PairDataConfig:
     mlm_prob: float = 0.0  # DeCLIP: BERT masking probability (0 = no MLM inputs)
     max_bad_fraction: float = 0.01  # stop when more records than this fail to decode
     max_retries: int = 16  # consecutive unreadable records before giving up on a sample
-    num_workers: int = 0
+    num_workers: int = 2  # decoding + augmentation off the training process
 
 
 class EpochSampler(Sampler[int]):
