@@ -221,6 +221,21 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.init_trackers("pretrain", config=_flat_hparams(to_dict(cfg)))
     bad = {"skipped": state.extra.get("skipped", 0), "truncated": state.extra.get("truncated", 0)}
     bad_examples: list[str] = []
+
+    def save() -> None:  # every rank calls it: each writes its own RNG state
+        state.extra.update(bad)
+        save_checkpoint(
+            out,
+            state,
+            unwrapped.state_dict(),
+            optimizer.optimizer,
+            scheduler,
+            rank=rank,
+            world_size=world_size,
+            barrier=accelerator.wait_for_everyone,
+            keep_last=tcfg.keep_last,
+        )
+
     bar = tqdm(
         total=total_steps,
         initial=state.step,
@@ -276,18 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
                 )
                 bar.set_postfix(loss=f"{logs['loss']:.3f}", samples_s=f"{rate:.0f}")
             if _should_save(tcfg, state.step, last_save):
-                state.extra.update(bad)
-                save_checkpoint(
-                    out,
-                    state,
-                    unwrapped.state_dict(),
-                    optimizer.optimizer,
-                    scheduler,
-                    rank=rank,
-                    world_size=world_size,
-                    barrier=accelerator.wait_for_everyone,
-                    keep_last=tcfg.keep_last,
-                )
+                save()
                 last_save = time.monotonic()
             if state.step >= total_steps:
                 done = True
@@ -298,18 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
     bar.close()
 
     final = evaluate_clip(accelerator, unwrapped.clip, tokenizer, *eval_sets, image_size)
-    state.extra.update(bad)
-    save_checkpoint(
-        out,
-        state,
-        unwrapped.state_dict(),
-        optimizer.optimizer,
-        scheduler,
-        rank=rank,
-        world_size=world_size,
-        barrier=accelerator.wait_for_everyone,
-        keep_last=tcfg.keep_last,
-    )
+    save()
     report = {
         "steps": state.step,
         "samples_seen": state.samples_seen,

@@ -159,7 +159,11 @@ def test_rank_shard():
 
 def _launched(ckpt: str, files: list[str], out: str) -> None:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    # Forked from a pytest process where earlier tests built a 1-process Accelerator: drop the
+    # inherited singleton state, or both children would believe they are rank 0.
+    AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(cpu=True)  # sets 2 threads per process on its own
     # After fork, libgomp's pool of the parent is unusable: one thread avoids a deadlock (and
     # two ranks share the 2 cores anyway). This must come after Accelerator().
