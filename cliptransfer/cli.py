@@ -1,6 +1,7 @@
 """The `cliptransfer` console script.
 
     cliptransfer prepare shapes --out world [--size small] [--seed 0]
+    cliptransfer prepare bottomup --world world --out world/bottomup [--boxes fixed36]
     cliptransfer tokenizer train --input world/captions.txt --vocab-size 1000 --out tok/
     cliptransfer extract grid --backbone CKPT --images DIR --size 600x1000 --out STORE
     cliptransfer extract import-regions trainval_36.tsv --out STORE
@@ -26,6 +27,24 @@ def _prepare_shapes(args: argparse.Namespace) -> int:
     out = prepare_shapes(args.out, size=args.size, seed=args.seed, overwrite=args.overwrite)
     manifest = json.loads((Path(out) / "manifest.json").read_text())
     print(json.dumps({"out": str(out), "counts": manifest.get("counts", {})}, indent=2))
+    return 0
+
+
+def _prepare_bottomup(args: argparse.Namespace) -> int:
+    from cliptransfer.features.bottomup import build_bottomup_features
+    from cliptransfer.features.region_model import RegionTrainConfig
+
+    summary = build_bottomup_features(
+        args.world,
+        args.out,
+        boxes=args.boxes,
+        dim=args.dim,
+        seed=args.seed,
+        splits=tuple(args.splits),
+        train=RegionTrainConfig(steps=args.steps),
+        log=print,
+    )
+    print(json.dumps(summary, indent=2, default=str))
     return 0
 
 
@@ -128,6 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--overwrite", action="store_true", help="regenerate even if present")
     shapes.set_defaults(func=_prepare_shapes)
+
+    bu = prepare_sub.add_parser(
+        "bottomup", help="BUTD-style region features (TSV) for a Shapes world"
+    )
+    bu.add_argument("--world", required=True, help="a Shapes world folder")
+    bu.add_argument("--out", required=True, help="output folder ({split}.tsv, model/, summary)")
+    bu.add_argument("--boxes", default="adaptive", choices=["adaptive", "fixed36"])
+    bu.add_argument("--dim", type=int, default=256, help="region feature size")
+    bu.add_argument("--seed", type=int, default=0)
+    bu.add_argument("--splits", nargs="+", default=["train2014", "val2014", "flickr30k"])
+    bu.add_argument("--steps", type=int, default=300, help="detector-analogue training steps")
+    bu.set_defaults(func=_prepare_bottomup)
 
     st = prepare_sub.add_parser("shapes-tokenizer", help="train the Shapes SentencePiece model")
     st.add_argument("--world", required=True, help="a Shapes world folder")
