@@ -15,8 +15,9 @@ from typing import Literal
 from torch import nn
 
 LORA_TARGETS = {
-    "resnet": r"visual\.(stem|stages)\..*\.conv\w*\.conv",  # the Conv2d inside ConvNormAct
-    "vit": r"visual\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)",
+    # Image-tower patterns are relative to the tower (`visual.` in CLIP, `backbone.` in tasks).
+    "resnet": r"(stem|stages)\.(.*\.)?conv\w*\.conv",  # the Conv2d inside each ConvNormAct
+    "vit": r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)",
     "text": r"transformer\.resblocks\.\d+\.(attn\.out_proj|mlp\.c_fc|mlp\.c_proj)",
 }
 
@@ -55,7 +56,7 @@ def _freeze_bn(module: nn.Module) -> nn.Module:
 def lora_target_regex(clip: nn.Module, towers: tuple[str, ...] = ("image", "text")) -> str:
     parts = []
     if "image" in towers:
-        parts.append(LORA_TARGETS[_vision_kind(clip)])
+        parts.append(r"visual\." + LORA_TARGETS[_vision_kind(clip)])
     if "text" in towers:
         parts.append(LORA_TARGETS["text"])
     if not parts:
