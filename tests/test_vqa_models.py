@@ -1,0 +1,177 @@
+"""Top-down and MCAN heads: shapes, gradients, and padding that changes nothing for valid items."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cliptransfer.models import create_clip
+from cliptransfer.models.mcan import MCAN, MCANConfig
+from cliptransfer.models.question import (
+    QuestionConfig,
+    RNNQuestionEncoder,
+    build_question_encoder,
+    build_question_tokenizer,
+)
+from cliptransfer.models.topdown import TopDown, TopDownConfig, masked_softmax
+from cliptransfer.models.visual_inputs import grid_boxes, grid_inputs, pad_visual
+from cliptransfer.tasks_common import GridBackbone, VLModel
+from cliptransfer.tuning import TuningConfig
+
+C, A, V = 12, 7, 30
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _heads(spatial: int = 4) -> dict[str, torch.nn.Module]:
+    torch.manual_seed(0)
+    td = TopDown(RNNQuestionEncoder(V, 8, 16), C, A, TopDownConfig(hidden=16, glimpses=2), spatial)
+    mc_cfg = MCANConfig(hidden=16, heads=2, ffn=32, flat_mlp=16, flat_out=24)
+    mc = MCAN(RNNQuestionEncoder(V, 8, 16, "lstm"), C, A, mc_cfg, spatial)
+    return {"topdown": td.eval(), "mcan": mc.eval()}
+
+
+def _question(lengths: list[int], L: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    ids = torch.zeros(len(lengths), L, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(1, V, (n,), generator=gen)
+    return ids, torch.arange(L)[None] < torch.tensor(lengths)[:, None]
+
+
+@pytest.mark.parametrize("arch", ["topdown", "mcan"])
+def test_forward_backward_shapes(arch: str):
+    model = _heads()[arch].train()
+    gen = torch.Generator().manual_seed(1)
+    feats, mask, spatial = pad_visual(
+        [torch.randn(n, C, generator=gen) for n in (3, 5, 2)],
+        [torch.rand(n, 4, generator=gen) for n in (3, 5, 2)],
+    )
+    ids, q_mask = _question([4, 2, 6], 8, gen)
+    logits = model(feats, mask, ids, q_mask, spatial)
+    assert logits.shape == (3, A)
+    logits.sum().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not no_grad, no_grad
+    assert torch.isfinite(logits).all()
+    if arch == "topdown":  # weight-normed layers, as in BUTD
+        names = [n for n, _ in model.named_parameters()]
+        assert "classifier.2.parametrizations.weight.original0" in names
+
+
+@pytest.mark.parametrize("arch", ["topdown", "mcan"])
+def test_padding_changes_nothing_for_valid_items(arch: str):
+    """Each item alone (no padding) equals the same item inside a padded batch."""
+    model = _heads()[arch]
+    gen = torch.Generator().manual_seed(2)
+    n_regions, q_lens = [3, 7, 1], [5, 2, 9]
+    feats = [torch.randn(n, C, generator=gen) for n in n_regions]
+    boxes = [torch.rand(n, 4, generator=gen) for n in n_regions]
+    ids, q_mask = _question(q_lens, 12, gen)
+    with torch.no_grad():
+        batch = model(*pad_visual(feats, boxes)[:2], ids, q_mask, pad_visual(feats, boxes)[2])
+        for i, (n, qn) in enumerate(zip(n_regions, q_lens)):
+            alone = model(
+                feats[i][None], torch.ones(1, n, dtype=torch.bool), ids[i : i + 1, :qn],
+                q_mask[i : i + 1, :qn], boxes[i][None],
+            )  # fmt: skip
+            torch.testing.assert_close(alone[0], batch[i], atol=1e-5, rtol=1e-5)
+        # Garbage in the padded slots must not leak in either.
+        f, m, s = pad_visual(feats, boxes)
+        f = torch.where(m[..., None], f, torch.full_like(f, 1e4))
+        torch.testing.assert_close(model(f, m, ids, q_mask, s), batch, atol=1e-5, rtol=1e-5)
+
+
+def test_masked_softmax_and_attention_weights():
+    logits = torch.tensor([[1.0, 2.0, 30.0], [0.5, 0.5, 0.5]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    w = masked_softmax(logits, mask, dim=1)
+    assert w[0, 2] == 0 and torch.allclose(w[0, :2], torch.softmax(logits[0, :2], 0))
+    assert torch.allclose(w[1], torch.full((3,), 1 / 3))
+    model = _heads()["topdown"]
+    f, m, s = pad_visual(
+        [torch.randn(2, C), torch.randn(4, C)], [torch.rand(2, 4)] * 1 + [torch.rand(4, 4)]
+    )
+    ids, q_mask = _question([3, 3], 5, torch.Generator().manual_seed(0))
+    v = torch.cat([model.visual_norm(f), s], -1)
+    _, q = model.question(ids, q_mask)
+    att = model.attention(v, m, q)  # (B, N, G)
+    assert att.shape == (2, 4, 2) and (att[0, 2:] == 0).all()
+    torch.testing.assert_close(att.sum(1), torch.ones(2, 2))
+
+
+def test_grid_boxes_and_inputs():
+    boxes = grid_boxes(2, 3)
+    assert boxes.shape == (6, 4)
+    torch.testing.assert_close(boxes[0], torch.tensor([0.0, 0.0, 1 / 3, 0.5]))
+    torch.testing.assert_close(boxes[5], torch.tensor([2 / 3, 0.5, 1.0, 1.0]))  # row-major
+    mask, spatial = grid_inputs(torch.zeros(2, 6, 5), (2, 3))
+    assert mask.all() and spatial.shape == (2, 6, 4) and torch.equal(spatial[1], boxes)
+
+
+def test_hf_text_encoder(tmp_path: Path):
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "how", "many", "red", "stars", "?",
+             "is", "there", "a", "circle"]  # fmt: skip
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(str(tmp_path / "bert"))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1,
+                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)  # fmt: skip
+    BertModel(cfg).save_pretrained(str(tmp_path / "bert"))
+
+    qcfg = QuestionConfig(encoder=f"hf:{tmp_path / 'bert'}", max_length=8)
+    tok = build_question_tokenizer(qcfg)
+    ids, mask, truncated = tok(["how many red stars?", "is there a circle? " * 3])
+    assert ids.shape == (2, 8) and truncated.tolist() == [False, True]
+    assert ids[0, :7].tolist() == [2, 5, 6, 7, 8, 9, 3] and mask[0].sum() == 7
+    encoder = build_question_encoder(qcfg, tok.vocab_size)
+    assert encoder.dim == 16
+    model = MCAN(encoder, C, A, MCANConfig(hidden=16, heads=2, ffn=32, flat_out=8), 4).eval()
+    feats, vmask, spatial = pad_visual(
+        [torch.randn(3, C), torch.randn(5, C)], [torch.rand(3, 4), torch.rand(5, 4)]
+    )
+    with torch.no_grad():
+        out = model(feats, vmask, ids, mask, spatial)
+        alone = model(feats[:1, :3], vmask[:1, :3], ids[:1, :7], mask[:1, :7], spatial[:1, :3])
+    assert out.shape == (2, A)
+    torch.testing.assert_close(alone[0], out[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        build_question_tokenizer(QuestionConfig(encoder=f"hf:{tmp_path / 'nope'}"))
+    with pytest.raises(ValueError, match="text.encoder must be"):
+        build_question_encoder(QuestionConfig(encoder="transformer"), 10)
+
+
+@pytest.mark.parametrize("mode", ["full", "lock", "lora"])
+def test_end2end_backbone_tuning(mode: str):
+    torch.manual_seed(0)
+    tuning = {"full": TuningConfig(), "lock": TuningConfig(lock_image=True),
+              "lora": TuningConfig(peft="lora", lora_r=2)}[mode]  # fmt: skip
+    backbone = GridBackbone(create_clip("RN-tiny"), tuning)
+    head = TopDown(RNNQuestionEncoder(V, 8, 16), backbone.channels, A, TopDownConfig(hidden=16), 4)
+    model = VLModel(head, backbone).train()
+    assert not any(
+        n.startswith("backbone.") and "transformer" in n for n, _ in model.named_parameters()
+    )
+    ids, q_mask = _question([3, 4], 6, torch.Generator().manual_seed(0))
+    batch = {"pixels": torch.randn(2, 3, 64, 96), "text_ids": ids, "text_mask": q_mask}
+    model(batch).sum().backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    backbone_grads = {n for n in grads if n.startswith("backbone.")}
+    assert {n for n in grads if n.startswith("head.")} == {
+        n for n, _ in model.named_parameters() if n.startswith("head.")
+    }
+    if mode == "full":
+        assert "backbone.visual.stem.conv1.conv.weight" in backbone_grads
+    elif mode == "lock":
+        assert not backbone_grads and backbone.frozen
+    else:
+        assert backbone_grads and all("lora_" in n for n in backbone_grads)

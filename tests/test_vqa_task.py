@@ -1,0 +1,185 @@
+"""tasks/vqa.py end to end on the tiny Shapes world: features, end2end + LoRA, regions, 2 processes.
+
+Runs use a random-init RN-tiny backbone (`backbone=RN-tiny`), 64x96 inputs and tiny heads, so
+they check the plumbing and the numbers' consistency, not the accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_script
+from safetensors.torch import load_file
+
+from cliptransfer.data.vqa import VQADataError, VQADataset, collate_vqa, load_vqa
+from cliptransfer.data.vqa_answers import make_ans2label
+from cliptransfer.features.extract import load_backbone
+from cliptransfer.features.store import FeatureStore
+from cliptransfer.metrics.vqa import evaluate_vqa_files
+from cliptransfer.models.visual_inputs import StoreInputs
+
+vqa = load_script("tasks/vqa.py")
+
+VAL_Q = "vqa/v2_OpenEnded_mscoco_val2014_questions.json"
+VAL_A = "vqa/v2_mscoco_val2014_annotations.json"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matmuls on a shared 2-core machine: a second OpenMP thread only spins.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _args(world: Path, out: Path, cache: Path, *extra: str) -> list[str]:
+    sets = [
+        f"world.dir={world}", "world.size=tiny", "backbone=RN-tiny", "features.size=64x96",
+        f"features.cache_dir={cache}", f"train.out_dir={out}", "train.batch_size=16",
+        "train.eval_batch_size=32", "model.topdown.hidden=32", "model.mcan.hidden=16",
+        "model.mcan.heads=2", "model.mcan.ffn=32", "model.mcan.flat_mlp=16",
+        "model.mcan.flat_out=32", "text.embed_dim=16", "text.hidden=32", "train.log_every=5",
+        *extra,
+    ]  # fmt: skip
+    return [a for s in sets for a in ("--set", s)]
+
+
+def test_features_mode_trains_scores_and_reloads(tiny_world: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    report = vqa.main(_args(tiny_world, out, tmp_path / "cache", "train.epochs=2"))
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["best_epoch"] == report["best_epoch"] and len(saved["history"]) == 2
+    best = max(h["val_overall"] for h in saved["history"])
+    assert saved["val"]["overall"] == best
+    assert set(saved["val"]["perAnswerType"]) == {"yes/no", "number", "other"}
+    assert set(saved["prior"]) == {"overall", "perQuestionType", "perAnswerType"}
+    assert saved["skipped"] == {"train": {}, "val": {}} and saved["train_samples_per_s"] > 0
+    assert saved["peak_memory"]["kind"] == "cpu_ru_maxrss" and saved["peak_memory"]["mib"] > 0
+    assert saved["features"]["kind"] == "grid" and saved["features"]["grid_size"] == [2, 3]
+    assert saved["vocab_coverage"]["val"]["questions"] > 0
+    # The written EvalAI file, scored by the official scorer, gives the reported numbers.
+    results = json.loads((out / "results_val.json").read_text())
+    assert (
+        evaluate_vqa_files(tiny_world / VAL_Q, tiny_world / VAL_A, out / "results_val.json")
+        == (saved["val"])
+    )
+    assert (out / "config.yaml").is_file() and any((out / "vqa").rglob("events.out.tfevents*"))
+
+    # best/ reloads into a model that predicts the same answers.
+    model, cfg, answers, q_tok = vqa.load_trained(out / "best")
+    assert cfg.model.arch == "topdown" and len(answers) == report["answers"]
+    store = FeatureStore.open(saved["features"]["path"])
+    split = load_vqa(tiny_world / VAL_Q, tiny_world / VAL_A)
+    ds = VQADataset(split, q_tok, make_ans2label(answers), StoreInputs(store))
+    batch = collate_vqa([ds[i] for i in range(len(ds))])
+    with torch.no_grad():
+        pred = model(batch).argmax(-1)
+    by_qid = {r["question_id"]: r["answer"] for r in results}
+    assert [answers[k] for k in pred] == [by_qid[q] for q in batch["question_id"].tolist()]
+
+
+def test_end2end_lora_mcan(tiny_world: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    extra = ["mode=end2end", "tuning.peft=lora", "tuning.lora_r=2", "model.arch=mcan",
+             "text.encoder=lstm", "train.max_steps=3", "train.batch_size=8"]  # fmt: skip
+    report = vqa.main(_args(tiny_world, out, tmp_path / "cache", *extra))
+    assert report["mode"] == "end2end" and report["steps"] == 3
+    assert report["features"]["kind"] == "end2end" and report["val"]["overall"] >= 0
+    assert not (tmp_path / "cache").exists()  # no feature store in end2end mode
+    state = load_file(str(out / "best" / "model.safetensors"))
+    lora = [k for k in state if "lora_" in k]
+    assert lora and all(k.startswith("backbone.visual.") for k in lora)
+    # The base weights are the backbone's own (frozen under LoRA).
+    clip = load_backbone("RN-tiny")[0]
+    base = clip.visual.state_dict()
+    wrapped = [k[: -len(".base_layer.weight")] for k in state if k.endswith(".base_layer.weight")]
+    assert "backbone.visual.stages.0.0.conv1_1x1.conv" in wrapped
+    for key in wrapped:
+        plain = key.removeprefix("backbone.visual.") + ".weight"
+        assert torch.equal(state[f"{key}.base_layer.weight"], base[plain]), key
+    bn = "stem.conv1.bn.running_mean"  # frozen BatchNorm statistics stay the backbone's
+    assert torch.equal(state[f"backbone.visual.{bn}"], base[bn])
+    model = vqa.load_trained(out / "best")[0]
+    assert model.backbone is not None and model.backbone.channels == 256
+
+
+def _region_store(world: Path, path: Path, drop: set[str]) -> None:
+    gen = torch.Generator().manual_seed(0)
+    meta = {"kind": "regions", "channels": 8}
+    ids = []
+    for sub in ("train2014", "val2014"):
+        ids += [int(p.stem.rsplit("_", 1)[1]) for p in (world / "images" / sub).glob("*.jpg")]
+    with FeatureStore.create(path, meta) as w:
+        for image_id in sorted(ids):
+            if str(image_id) in drop:
+                continue
+            n = int(torch.randint(2, 9, (), generator=gen))  # adaptive: a varying count
+            xy = torch.rand(n, 2, generator=gen) * torch.tensor([120.0, 90.0])
+            boxes = torch.cat([xy, xy + 20], dim=1)
+            w.add(image_id, torch.randn(n, 8, generator=gen), boxes=boxes, image_w=160, image_h=120)
+
+
+def test_bottomup_region_store_and_missing_features(tiny_world: Path, tmp_path: Path):
+    val_ids = sorted(
+        {q["image_id"] for q in json.loads((tiny_world / VAL_Q).read_text())["questions"]}
+    )
+    missing = str(val_ids[0])
+    _region_store(tiny_world, tmp_path / "regions", drop={missing})
+    base = _args(tiny_world, tmp_path / "run", tmp_path / "cache", "features.kind=bottomup",
+                 f"features.store={tmp_path / 'regions'}", "train.max_steps=4")  # fmt: skip
+    with pytest.raises(
+        VQADataError, match=rf"regions: 1 image\(s\) .* missing: image id {missing}"
+    ):
+        vqa.main(base)
+    report = vqa.main([*base, "--set", "data.skip_missing=true", "--set", "model.arch=mcan"])
+    n_missing = sum(
+        q["image_id"] == int(missing)
+        for q in json.loads((tiny_world / VAL_Q).read_text())["questions"]
+    )
+    assert report["skipped"]["val"] == {"missing_features": n_missing} and n_missing > 0
+    assert report["features"]["kind"] == "regions"
+    results = json.loads((tmp_path / "run" / "results_val.json").read_text())
+    assert len(results) == len(load_vqa(tiny_world / VAL_Q).examples) - n_missing
+
+
+def _two_process_run(args: list[str]) -> None:
+    from accelerate.state import AcceleratorState
+
+    # Forked from a pytest process whose earlier runs set up a 1-process Accelerate state.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    vqa.main(["--cpu", *args, "--set", "train.num_threads=1"])
+
+
+def test_two_processes_score_like_one(tiny_world: Path, tmp_path: Path):
+    from accelerate import debug_launcher
+
+    out = tmp_path / "two"
+    # 150-odd val questions in eval batches of 32 per process: the last batch is uneven.
+    args = _args(tiny_world, out, tmp_path / "cache", "train.max_steps=4")
+    debug_launcher(_two_process_run, args=(args,), num_processes=2)
+    two = json.loads((out / "metrics.json").read_text())
+    results = json.loads((out / "results_val.json").read_text())
+    qids = [r["question_id"] for r in results]
+    assert len(qids) == len(set(qids)) == len(load_vqa(tiny_world / VAL_Q).examples)
+    assert two["steps"] == 4 and two["samples_seen"] == 4 * 2 * 16
+    names = sorted(p.name for p in Path(two["features"]["path"]).glob("*.index.json"))
+    assert names == ["shard-r0-00000.index.json", "shard-r1-00000.index.json"]
+    # One process evaluating the saved model gets the same numbers.
+    one = vqa.main(["--eval-only", str(out / "best"), "--set", f"train.out_dir={tmp_path / 'one'}"])
+    assert one["val"] == two["val"]
+
+
+def test_resume_from_epoch_checkpoint_equals_uninterrupted(tiny_world: Path, tmp_path: Path):
+    cache = tmp_path / "cache"
+    common = ["train.epochs=2", "train.keep_last=2"]
+    a = vqa.main(_args(tiny_world, tmp_path / "a", cache, *common))
+    first = tmp_path / "a" / "checkpoints" / "step-0000018"  # 286 questions / 16 per step
+    b = vqa.main(_args(tiny_world, tmp_path / "b", cache, *common, f"train.resume={first}"))
+    assert b["history"] == a["history"] and b["val"] == a["val"]
+    last = "checkpoints/step-0000036/model.safetensors"
+    sa, sb = load_file(str(tmp_path / "a" / last)), load_file(str(tmp_path / "b" / last))
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
