@@ -63,12 +63,19 @@ def param_groups(
     return out
 
 
-def build_adamw(model: nn.Module, cfg: OptimConfig, lr_scales: dict[str, float] | None = None):
+def build_adamw(
+    model: nn.Module,
+    cfg: OptimConfig,
+    lr_scales: dict[str, float] | None = None,
+    fused: bool = False,
+):
     groups = param_groups(model, cfg.weight_decay, lr_scales)
     for g in groups:
         g["lr"] = cfg.lr * g["lr_scale"]
     # torch's AdamW keeps unknown group keys (lr_scale, param_names) in its state_dict untouched.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True if fused else None
+    )
 
 
 def warmup_cosine(

@@ -83,6 +83,9 @@ class TrainConfig:
     eval_max_images: int = 500
     resume: str | None = None  # "latest" or a checkpoint folder
     tokenizer: str = "shapes"  # "shapes" (packaged) or a tokenizer folder
+    # The benchmarked fast path (bench/contrastive_step.py): channels_last ResNet towers, text
+    # padding after the batch's last EOT trimmed (equal within 1e-5, not bitwise), fused AdamW.
+    fast_kernels: bool = False
 
 
 @dataclass
@@ -184,7 +187,11 @@ def main(argv: list[str] | None = None) -> dict:
         num_workers=cfg.data.num_workers,
         drop_last=True,  # equal batches on every rank: cross-rank gathers need them
     )
-    optimizer = build_adamw(model, cfg.optim)
+    if tcfg.fast_kernels:
+        model.clip.trim_text_padding = True
+        if model.clip.config.vision.kind == "resnet":
+            model.clip.visual.to(memory_format=torch.channels_last)
+    optimizer = build_adamw(model, cfg.optim, fused=tcfg.fast_kernels)
     steps_per_epoch = len(loader) // (world_size * tcfg.grad_accum)
     if steps_per_epoch == 0:
         raise ValueError(

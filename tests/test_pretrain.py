@@ -148,3 +148,9 @@ def test_datasets_folder_source(tmp_path):
     from cliptransfer.data.pairs import open_image
 
     assert open_image(records[1].image).getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_fast_kernels_path_trains(tiny_world, tmp_path):
+    report = _run(tiny_world, tmp_path, "train.max_steps=2", "train.fast_kernels=true")
+    assert report["steps"] == 2
+    assert load_clip(tmp_path / "final").context_length == 48
