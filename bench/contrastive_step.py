@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import logging
 import math
 import platform
@@ -300,6 +301,66 @@ def bench_arch(arch: str, args: argparse.Namespace, bf16: bool) -> list[str]:
     return rows
 
 
+def bench_components(arch: str, args: argparse.Namespace) -> list[str]:
+    """Table rows timing, alone, each part a "fast" change touches: text tower forward +
+    backward (padded vs trimmed), image tower forward + backward (NCHW vs channels_last,
+    ResNets), AdamW step (single-tensor loop vs fused). Interleaved, median of --steps."""
+    cfg = get_arch(arch)
+    torch.manual_seed(args.seed)
+    clip = create_clip(arch).train()
+    pixels, ids = make_batch(cfg, args.batch, args.seed, args.text)
+
+    def text(trim: bool) -> Callable[[], None]:
+        def run() -> None:
+            clip.trim_text_padding = trim
+            clip.encode_text(ids).sum().backward()
+
+        return run
+
+    def image(visual: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+        return lambda: visual(x).sum().backward()
+
+    def adamw(fused: bool) -> Callable[[], None]:
+        params = [torch.nn.Parameter(p.detach().clone()) for p in clip.parameters()]
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        return torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, fused=fused or None).step
+
+    longest = int(ids.argmax(dim=-1).max()) + 1
+    padded, trimmed = f"padded to {ids.shape[1]}", f"trimmed to {longest}"
+    parts = [("text tower fwd+bwd", padded, trimmed, text(False), text(True))]
+    if cfg.vision.kind == "resnet":
+        visual_cl = copy.deepcopy(clip.visual).to(memory_format=torch.channels_last)
+        pixels_cl = pixels.contiguous(memory_format=torch.channels_last)
+        parts.append(
+            (
+                "image tower fwd+bwd",
+                "NCHW",
+                "channels_last",
+                image(clip.visual, pixels),
+                image(visual_cl, pixels_cl),
+            )
+        )
+    parts.append(("AdamW step", "loop", "fused", adamw(False), adamw(True)))
+    rows = []
+    for part, name_a, name_b, run_a, run_b in parts:
+        times: dict[str, list[float]] = {name_a: [], name_b: []}
+        for i in range(args.warmup + args.steps):
+            for name, run in [(name_a, run_a), (name_b, run_b)][:: 1 if i % 2 == 0 else -1]:
+                start = time.perf_counter()
+                run()
+                if i >= args.warmup:
+                    times[name].append(time.perf_counter() - start)
+        a, b = statistics.median(times[name_a]), statistics.median(times[name_b])
+        rows.append(
+            f"| {arch} | {part} | {name_a} {a:.3f} | {name_b} {b:.3f} | {a - b:.3f} | "
+            f"{a / b:.2f}x |"
+        )
+        print(rows[-1], file=sys.stderr, flush=True)
+        clip.zero_grad(set_to_none=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", nargs="+", default=None, help="default: RN50 ViT-B-32")
@@ -326,6 +387,11 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="also time each 'fast' change alone (one more model + AdamW state each: ~2 GB at "
         "RN50/ViT-B-32 size)",
+    )
+    parser.add_argument(
+        "--components",
+        action="store_true",
+        help="instead: time the parts each 'fast' change touches, alone (less noisy)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -359,6 +425,15 @@ def main(argv: list[str] | None = None) -> None:
         )
     print(f"batch {args.batch}, {args.warmup} warm-up + {args.steps} timed steps, interleaved\n")
     rows = []
+    if args.components:
+        for arch in args.arch:
+            rows += bench_components(arch, args)
+        print(
+            f"| arch | part (B = {args.batch}) | default (median s) | fast (median s) | saved s "
+            "| speed-up |\n|---|---|---|---|---|---|"
+        )
+        print("\n".join(rows))
+        return
     for arch in args.arch:
         rows += bench_arch(arch, args, bf16)
     print(

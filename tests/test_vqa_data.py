@@ -17,12 +17,12 @@ from cliptransfer.data.vqa import (
     collate_vqa,
     load_vqa,
     prior_results,
+    with_coco_images,
 )
 from cliptransfer.data.vqa_answers import load_answer_vocab, make_ans2label
 from cliptransfer.features.store import FeatureStore
 from cliptransfer.metrics.vqa import evaluate_vqa
-from cliptransfer.models.question import ProjectQuestionTokenizer, QuestionConfig
-from cliptransfer.models.question import build_question_tokenizer
+from cliptransfer.models.question import QuestionConfig, build_question_tokenizer
 from cliptransfer.models.visual_inputs import StoreInputs
 
 QUESTIONS = [
@@ -67,9 +67,7 @@ def _write(
     return qfile, afile
 
 
-def _tokenize(texts: list[str]):
-    tok = ProjectQuestionTokenizer(build_question_tokenizer(QuestionConfig()).tokenizer, 16)
-    return tok(texts)
+_tokenize = build_question_tokenizer(QuestionConfig(max_length=16))
 
 
 def _no_image(image_id: int) -> dict:
@@ -146,6 +144,15 @@ def test_coco_image_paths(tmp_path: Path):
     assert coco_image_path(tmp_path, "train2014", 5) == tmp_path / "COCO_train2014_000000000005.jpg"
     with pytest.raises(VQADataError, match="no 'data_subtype'"):
         coco_image_path(tmp_path, None, 5)
+    # Missing image files: an error naming the id and the expected file, or a counted skip.
+    (tmp_path / "val2014").mkdir()
+    (tmp_path / "val2014" / "COCO_val2014_000000000007.jpg").write_bytes(b"")
+    split = load_vqa(*_write(tmp_path))
+    expected = tmp_path / "val2014" / "COCO_val2014_000000000009.jpg"
+    with pytest.raises(VQADataError, match=rf"missing: image id 9 \(expected {expected}\)"):
+        with_coco_images({"val": split}, tmp_path, False)
+    kept, paths = with_coco_images({"val": split}, tmp_path, True)
+    assert kept["val"].skipped == {"missing_image": 2} and list(paths) == [7]
 
 
 def test_missing_features_error_or_counted_skip(tmp_path: Path):

@@ -219,18 +219,21 @@ def check_available(
     where: str,
     skip_missing: bool,
     reason: str,
+    describe: Callable[[int], str] | None = None,
 ) -> VQASplit:
     """Drop (with `skip_missing`) or report the questions whose image is not `available`.
 
-    `where` names the image folder or feature store in the error message.
+    `where` names the image folder or feature store in the error message, `describe(image_id)`
+    (e.g. the expected file) the first missing image.
     """
     missing = [i for i in split.image_ids() if not available(i)]
     if not missing:
         return split
     if not skip_missing:
+        first = f" ({describe(missing[0])})" if describe else ""
         raise VQADataError(
             f"{where}: {len(missing)} image(s) needed by {split.questions_file} are missing: "
-            f"image id {_first(missing)} (skip_missing=True skips their questions)"
+            f"image id {_first(missing)}{first} (skip_missing=True skips their questions)"
         )
     out = split.without_images(set(missing), reason)
     if not out.examples:
@@ -247,8 +250,9 @@ def with_coco_images(
     for name, split in splits.items():
         where = {i: coco_image_path(images, split.data_subtype, i) for i in split.image_ids()}
         split = check_available(
-            split, lambda i, w=where: w[i].is_file(), str(images), skip_missing, "missing_image"
-        )
+            split, lambda i, w=where: w[i].is_file(), f"image folder {images}", skip_missing,
+            "missing_image", describe=lambda i, w=where: f"expected {w[i]}",
+        )  # fmt: skip
         out[name] = split
         paths.update({i: where[i] for i in split.image_ids()})
     return out, paths
