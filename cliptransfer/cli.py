@@ -7,6 +7,7 @@
     cliptransfer extract import-regions trainval_36.tsv --out STORE
     cliptransfer evaluate vqa --questions Q.json --annotations A.json --results R.json [--legacy]
     cliptransfer evaluate snli-ve --data snli_ve_test.jsonl --results R.json
+    cliptransfer compare --task vqa --features clip-grid,bottomup --backbones default,RN50 --out DIR
     cliptransfer info CHECKPOINT
 
 Each subcommand imports its module only when it runs, so `cliptransfer --help` stays fast.
@@ -125,6 +126,23 @@ def _import_regions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from cliptransfer.compare import run_compare, split_list
+
+    run_compare(
+        args.task,
+        split_list(args.features),
+        split_list(args.backbones),
+        args.out,
+        args.overrides,
+        launcher=args.launcher,
+        script=args.script,
+        config=args.config,
+        rerun=args.rerun,
+    )
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from cliptransfer.config import to_dict
     from cliptransfer.models import load_clip
@@ -212,6 +230,31 @@ def build_parser() -> argparse.ArgumentParser:
     ve.add_argument("--data", required=True, help="snli_ve_*.jsonl with gold_label and pairID")
     ve.add_argument("--results", required=True, help='[{"pairID", "label"}]')
     ve.set_defaults(func=_evaluate_snli_ve)
+
+    cmp = sub.add_parser(
+        "compare", help="train + score feature settings of a task with one head and budget"
+    )
+    cmp.add_argument("--task", required=True, choices=["vqa", "snli-ve"])
+    cmp.add_argument("--features", default="clip-grid,bottomup", help="clip-grid and/or bottomup")
+    cmp.add_argument(
+        "--backbones",
+        default="default",
+        help="clip-grid backbones: 'default', arch names, checkpoints or LABEL=PATH (comma list)",
+    )
+    cmp.add_argument("--out", help="output folder (default runs/compare-TASK)")
+    cmp.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="task override passed to every setting (repeatable)",
+    )
+    cmp.add_argument("--config", help="task YAML config passed to every setting")
+    cmp.add_argument("--launcher", help='e.g. "accelerate launch --num_processes 2"')
+    cmp.add_argument("--script", help="the task script (default: tasks/ of this checkout)")
+    cmp.add_argument("--rerun", action="store_true", help="rerun settings that finished earlier")
+    cmp.set_defaults(func=_compare)
 
     info = sub.add_parser("info", help="load a CLIP checkpoint and print its config")
     info.add_argument("checkpoint", help="OpenAI/open_clip file, HF CLIPModel or project folder")

@@ -6,10 +6,13 @@ one process, so the same loss code runs under `python script.py` and `accelerate
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
 __all__ = [
+    "set_cpu_threads",
     "gather_no_grad",
     "gather_with_grad",
     "is_distributed",
@@ -28,6 +31,21 @@ def world_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def set_cpu_threads(device: torch.device, requested: int = 0, local_processes: int = 1) -> int:
+    """Set torch's intra-op threads for a CPU run and return the count.
+
+    `accelerate launch` exports OMP_NUM_THREADS=1 unless told `--num_cpu_threads_per_process`,
+    which leaves a single-process CPU run on one core. 0 = the machine's cores shared evenly by
+    this node's processes; a positive `requested` is used as given. GPU runs are left alone.
+    """
+    if device.type != "cpu" and not requested:
+        return torch.get_num_threads()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", local_processes) or 1)
+    n = requested or max(1, (os.cpu_count() or 1) // max(1, local))
+    torch.set_num_threads(n)
+    return n
 
 
 class _GatherWithGrad(torch.autograd.Function):

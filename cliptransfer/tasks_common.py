@@ -11,6 +11,7 @@ text_mask (B, L), spatial (B, N, 4))`:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -25,27 +26,26 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from cliptransfer import adapters
+from cliptransfer.adapters import AdapterConfig
 from cliptransfer.features.extract import extract_grids, load_backbone, parse_size
 from cliptransfer.features.regions import import_regions
 from cliptransfer.features.store import FeatureStore, check_metadata
 from cliptransfer.fileio import atomic_save_dir, atomic_write_text
-from cliptransfer.models import grid as grid_ops
-from cliptransfer.models.mcan import MCAN, MCANConfig
-from cliptransfer.models.question import QuestionConfig, build_question_encoder
-from cliptransfer.models.topdown import TopDown, TopDownConfig
-from cliptransfer.models.visual_inputs import PixelInputs, StoreInputs, grid_inputs
-from cliptransfer.tuning import TuningConfig, apply_tuning
+from cliptransfer.models.visual_inputs import PixelInputs, StoreInputs
+from cliptransfer.models.vl import GridBackbone
+from cliptransfer.tuning import TuningConfig
 
 __all__ = [
     "FeatureConfig",
-    "HeadConfig",
+    "attach_adapters",
+    "check_tuning",
+    "load_best_model",
+    "save_best_dir",
     "TaskTrainConfig",
     "WorldConfig",
-    "build_head",
     "prepare_world",
-    "GridBackbone",
     "ImageSide",
-    "VLModel",
     "flat_hparams",
     "image_side",
     "markdown_table",
@@ -89,27 +89,6 @@ def prepare_world(cfg: WorldConfig) -> Path:
 
 
 @dataclass
-class HeadConfig:
-    arch: Literal["topdown", "mcan"] = "topdown"
-    spatial: bool = True  # feed the normalised box of each cell/region
-    topdown: TopDownConfig = dataclasses.field(default_factory=TopDownConfig)
-    mcan: MCANConfig = dataclasses.field(default_factory=MCANConfig)
-
-
-def build_head(
-    cfg: HeadConfig, text: QuestionConfig, visual_dim: int, num_outputs: int, vocab_size: int
-) -> nn.Module:
-    """The top-down or MCAN head with its text encoder; logits (B, num_outputs)."""
-    question = build_question_encoder(text, vocab_size)
-    spatial = 4 if cfg.spatial else 0
-    if cfg.arch == "topdown":
-        return TopDown(question, visual_dim, num_outputs, cfg.topdown, spatial)
-    if cfg.arch == "mcan":
-        return MCAN(question, visual_dim, num_outputs, cfg.mcan, spatial)
-    raise ValueError(f"model.arch must be 'topdown' or 'mcan', got {cfg.arch!r}")
-
-
-@dataclass
 class TaskTrainConfig:
     out_dir: str = "runs/task"
     seed: int = 0
@@ -121,7 +100,7 @@ class TaskTrainConfig:
     log_every: int = 20
     resume: str | None = None  # "latest" or a checkpoint folder (checkpoints at epoch ends)
     keep_last: int = 1
-    num_threads: int = 0  # torch threads per process (0: leave Accelerate's choice)
+    num_threads: int = 0  # torch threads per process (0: CPU cores / local processes)
 
 
 def _log(accelerator: Any, msg: str) -> None:
@@ -162,13 +141,15 @@ def prepare_feature_store(
     cache_root: str | Path,
     world: str | Path | None = None,
     needed: Collection[str] = (),
+    shapes_splits: tuple[str, ...] = ("train2014", "val2014"),
 ) -> FeatureStore:
     """Open (making it first when needed) the feature store the run reads.
 
     clip-grid: `cfg.store`, or `{cache_root}/clip-grid-{sha256[:16]}-{H}x{W}-{storage}` filled by
     `extract_grids` with the images of `images` (id -> file) that it does not hold yet; every
     process extracts its share. bottomup: `cfg.store`, or the TSV files of `cfg.tsv` imported into
-    `{cache_root}/bottomup-{key}`, or (Shapes world) `build_bottomup_features(world, ...)`.
+    `{cache_root}/bottomup-{key}`, or (Shapes world) `build_bottomup_features(world, ...)` over
+    the world's `shapes_splits` (COCO-style for VQA, "flickr30k" for SNLI-VE).
     A cached store that already holds every id of `needed` (default: the keys of `images`) is
     opened as it is.
     """
@@ -210,7 +191,7 @@ def prepare_feature_store(
         path = cache_root / f"bottomup-{_tsv_key(tsv)}"
     elif world is not None:
         out = cache_root / f"bottomup-shapes-{cfg.boxes}"
-        tsv, path = [out / "train2014.tsv", out / "val2014.tsv"], out / "store"
+        tsv, path = [out / f"{split}.tsv" for split in shapes_splits], out / "store"
     else:
         raise ValueError(
             "features.kind=bottomup needs features.store (a region store) or features.tsv "
@@ -227,7 +208,7 @@ def prepare_feature_store(
                 world,
                 out,
                 boxes=cfg.boxes,
-                splits=("train2014", "val2014"),
+                splits=shapes_splits,
                 log=lambda m: _log(accelerator, m),
             )
         stats = import_regions(tsv, path, storage=cfg.storage)  # resumable: skips stored ids
@@ -261,14 +242,16 @@ def image_side(
     cache_root: str | Path,
     world: str | Path | None = None,
     needed: Collection[Any] = (),
+    shapes_splits: tuple[str, ...] = ("train2014", "val2014"),
 ) -> ImageSide:
     """features mode: the feature store (`prepare_feature_store`; `needed` = the image ids the run
     reads); end2end: the pixels of `files` (image id -> path) at `cfg.size` and the CLIP image
     tower tuned as `tuning` says."""
     if mode == "features":
         store = prepare_feature_store(
-            accelerator, cfg, backbone, files, cache_root, world, [str(i) for i in needed]
-        )
+            accelerator, cfg, backbone, files, cache_root, world, [str(i) for i in needed],
+            shapes_splits,
+        )  # fmt: skip
         inputs = StoreInputs(store, cfg.max_regions or None)
         return ImageSide(
             inputs,
@@ -284,46 +267,6 @@ def image_side(
     grid = GridBackbone(clip, tuning)
     info = {"kind": "end2end", "backbone": name, "checkpoint_sha256": sha, "input_size": list(size)}
     return ImageSide(PixelInputs(files, size), grid.channels, info, grid)
-
-
-class GridBackbone(nn.Module):
-    """A CLIP image tower as an end-to-end grid encoder: pixels (B, 3, H, W) -> (B, H*W, C).
-
-    `tuning` decides what trains (see `cliptransfer.tuning`): nothing locked = full fine-tuning,
-    `lock_image` = frozen (run without autograd), `peft="lora"` = LoRA adapters on the convs /
-    ViT blocks. Only the image tower is kept; the text tower is dropped.
-    """
-
-    def __init__(self, clip: nn.Module, tuning: TuningConfig | None = None) -> None:
-        super().__init__()
-        tuning = dataclasses.replace(tuning or TuningConfig(), lora_towers=("image",))
-        apply_tuning(clip, tuning)
-        self.visual = clip.visual
-        self.frozen = not any(p.requires_grad for p in self.visual.parameters())
-        self.channels = int(
-            grid_ops.encode_grid(self.visual.eval(), torch.zeros(1, 3, 64, 64))[0].shape[-1]
-        )
-
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            return grid_ops.encode_grid(self.visual, pixels)  # (B, H*W, C), (H, W)
-
-
-class VLModel(nn.Module):
-    """A task head over store features (`features`, `visual_mask`, `spatial` in the batch) or,
-    with a `backbone`, over the grid of `pixels`; text from `text_ids`/`text_mask`."""
-
-    def __init__(self, head: nn.Module, backbone: nn.Module | None = None) -> None:
-        super().__init__()
-        self.head, self.backbone = head, backbone
-
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        if self.backbone is not None:
-            feats, hw = self.backbone(batch["pixels"])  # (B, H*W, C)
-            mask, spatial = grid_inputs(feats, hw)
-        else:
-            feats, mask, spatial = batch["features"], batch["visual_mask"], batch["spatial"]
-        return self.head(feats, mask, batch["text_ids"], batch["text_mask"], spatial)
 
 
 @torch.no_grad()
@@ -404,3 +347,61 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def check_tuning(mode: str, tuning: TuningConfig, peft: AdapterConfig) -> None:
+    """Reject settings that contradict each other before any work starts."""
+    from cliptransfer.config import ConfigError
+
+    if tuning.peft is not None:
+        raise ConfigError(
+            "tuning.peft is the pretraining script's LoRA; task scripts take "
+            f"--set peft.method={tuning.peft} (with peft.r, peft.alpha, peft.bn_policy)"
+        )
+    if peft.method != "none" and mode == "end2end" and tuning.lock_image:
+        raise ConfigError("peft adapters on a locked backbone: drop tuning.lock_image")
+    if peft.method != "none" and mode == "features" and peft.scope == "backbone":
+        raise ConfigError("peft.scope=backbone needs mode=end2end (features mode has no backbone)")
+
+
+def attach_adapters(model: nn.Module, cfg: AdapterConfig, log: Callable[[str], Any]) -> nn.Module:
+    """`model` wrapped with the PEFT adapters of `cfg` (unchanged for method "none"); logs the
+    targets and the trainable fraction."""
+    if cfg.method == "none":
+        return model
+    wrapped, targets = adapters.wrap(model, cfg)
+    trainable, total, pct = adapters.trainable_fraction(wrapped)
+    scope = adapters.resolve(cfg, model).scope
+    log(
+        f"PEFT {cfg.method} (r={cfg.r}) on the {scope}: {len(targets)} modules adapted, "
+        f"{trainable:,} of {total:,} parameters trainable ({pct:.2f}%)"
+    )
+    return wrapped
+
+
+def save_best_dir(
+    folder: str | Path, model: nn.Module, cfg: AdapterConfig, files: Mapping[str, Any]
+) -> Path:
+    """A best-model folder: model.safetensors (adapters merged in, so it loads into the plain
+    model) and, with PEFT, `adapter/` (adapter-only, `save_pretrained`) beside it."""
+    if cfg.method == "none":
+        return save_model_dir(folder, model.state_dict(), files)
+    merged = adapters.merge(copy.deepcopy(model))  # the live model keeps its adapters
+    files = dict(files, adapter=lambda d: model.save_pretrained(str(d)))
+    return save_model_dir(folder, merged.state_dict(), files)
+
+
+def load_best_model(folder: str | Path, model: nn.Module, cfg: AdapterConfig) -> nn.Module:
+    """Load a `save_best_dir` folder's merged weights into a freshly built plain `model`."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "model.safetensors"
+    if cfg.method != "none":
+        adapters.prepare_base(model, cfg)  # the same BatchNorm policy as in training
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not fit the model of its config.yaml: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    return model

@@ -42,6 +42,7 @@ from cliptransfer.data.contrastive import EpochSampler, PairDataConfig, PairData
 from cliptransfer.data.pairs import load_pairs
 from cliptransfer.data.shapes import default_world_dir, prepare_shapes
 from cliptransfer.defaults import resolve_tokenizer
+from cliptransfer.distributed import set_cpu_threads
 from cliptransfer.losses.clip import clamp_logit_scale_
 from cliptransfer.models import create_clip, load_clip
 from cliptransfer.objectives import ContrastiveModel, LossConfig, needs_second_view
@@ -86,6 +87,7 @@ class TrainConfig:
     # The benchmarked fast path (bench/contrastive_step.py): channels_last ResNet towers, text
     # padding after the batch's last EOT trimmed (equal within 1e-5, not bitwise), fused AdamW.
     fast_kernels: bool = False
+    num_threads: int = 0  # torch threads per process on CPU (0: CPU cores / local processes)
 
 
 @dataclass
@@ -133,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         log_with="tensorboard",
         project_dir=str(out),
     )
+    set_cpu_threads(accelerator.device, tcfg.num_threads, accelerator.num_processes)
     set_seed(tcfg.seed)
     rank, world_size = accelerator.process_index, accelerator.num_processes
 

@@ -30,9 +30,7 @@ reload with `load_trained`), results_val.json (EvalAI format) and metrics.json.
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -42,20 +40,11 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 import yaml
-from accelerate import Accelerator
 from accelerate.utils import set_seed
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from cliptransfer.checkpointing import (
-    TrainerState,
-    find_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-from cliptransfer.config import ConfigError, add_config_args, load_config, save_config, to_dict
-from cliptransfer.data.contrastive import EpochSampler
+from cliptransfer.adapters import AdapterConfig
+from cliptransfer.config import ConfigError, load_config, save_config, to_dict
 from cliptransfer.data.vqa import (
     VQADataset,
     answer_prior,
@@ -72,24 +61,24 @@ from cliptransfer.data.vqa_answers import (
     save_answer_vocab,
 )
 from cliptransfer.features.extract import load_backbone
+from cliptransfer.finetune import TaskHooks, fit, start_run
 from cliptransfer.metrics.vqa import evaluate_vqa
 from cliptransfer.models.question import QuestionConfig, build_question_tokenizer
-from cliptransfer.optim import OptimConfig, build_adamw, trainable_summary, warmup_cosine
+from cliptransfer.models.vl import GridBackbone, HeadConfig, VLModel, build_head
+from cliptransfer.optim import OptimConfig, trainable_summary
 from cliptransfer.tasks_common import (
     FeatureConfig,
-    GridBackbone,
-    HeadConfig,
     TaskTrainConfig,
-    VLModel,
     WorldConfig,
-    build_head,
+    attach_adapters,
     flat_hparams,
     image_side,
+    load_best_model,
     markdown_table,
     peak_memory,
     predict,
     prepare_world,
-    save_model_dir,
+    save_best_dir,
     write_json,
 )
 from cliptransfer.tuning import TuningConfig
@@ -124,8 +113,10 @@ class VQAConfig:
     # "default" (packaged tiny CLIP), a checkpoint path, or an arch name (random init, seed 0)
     backbone: str = "default"
     mode: Literal["features", "end2end"] = "features"
-    tuning: TuningConfig = field(default_factory=TuningConfig)  # end2end: lock / LoRA / full
+    tuning: TuningConfig = field(default_factory=TuningConfig)  # end2end: lock_image or full
     backbone_lr_scale: float = 0.1  # end2end: the backbone's lr is this times optim.lr
+    # PEFT adapters: on the backbone (end2end) or the fusion head (features); see adapters.py
+    peft: AdapterConfig = field(default_factory=AdapterConfig)
     text: QuestionConfig = field(default_factory=QuestionConfig)
     model: HeadConfig = field(default_factory=HeadConfig)
     optim: OptimConfig = field(
@@ -154,14 +145,7 @@ def load_trained(folder: str | Path) -> tuple[VLModel, VQAConfig, list[str], Any
     if cfg.mode == "end2end":
         backbone = GridBackbone(load_backbone(cfg.backbone)[0], cfg.tuning)
     head = build_head(cfg.model, cfg.text, meta["visual_dim"], len(answers), q_tok.vocab_size)
-    model = VLModel(head, backbone)
-    state = load_file(str(folder / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{folder / 'model.safetensors'} does not fit the model of its config.yaml: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+    model = load_best_model(folder, VLModel(head, backbone), cfg.peft)
     return model.eval(), cfg, answers, q_tok
 
 
@@ -214,45 +198,9 @@ def _accuracy_row(name: str, m: dict) -> list:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    add_config_args(parser)
-    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
-    parser.add_argument("--cpu", action="store_true", help="force CPU (gloo for 2 processes)")
-    parser.add_argument(
-        "--skip-missing", action="store_true", help="= --set data.skip_missing=true"
-    )
-    parser.add_argument(
-        "--eval-only",
-        default=None,
-        metavar="BEST_DIR",
-        help="evaluate / predict with a saved best/ folder (its config.yaml + --set overrides)",
-    )
-    args = parser.parse_args(argv)
-    config_path = args.config
-    if args.eval_only and config_path is None:
-        config_path = str(Path(args.eval_only) / "config.yaml")
-    try:
-        cfg = load_config(VQAConfig, config_path, args.overrides)
-    except ConfigError as e:
-        parser.error(str(e))
-    if args.resume:
-        cfg.train.resume = args.resume
-    cfg.data.skip_missing = cfg.data.skip_missing or args.skip_missing
+    cfg, args, accelerator = start_run(VQAConfig, argv, __doc__)
     tcfg, out = cfg.train, Path(cfg.train.out_dir)
     started = time.monotonic()
-
-    accelerator = Accelerator(
-        cpu=args.cpu,
-        mixed_precision=tcfg.precision,
-        log_with="tensorboard",
-        project_dir=str(out),
-    )
-    if tcfg.num_threads:
-        torch.set_num_threads(tcfg.num_threads)  # after Accelerator(), which sets its own
-    set_seed(tcfg.seed)
-    rank, world_size = accelerator.process_index, accelerator.num_processes
     skip = cfg.data.skip_missing
 
     # ---- questions + answers: the Shapes world unless real VQA v2 files are given
@@ -286,7 +234,9 @@ def main(argv: list[str] | None = None) -> dict:
     head = build_head(cfg.model, cfg.text, side.dim, len(answers), q_tok.vocab_size)
     model = VLModel(head, side.backbone)
     if args.eval_only:
-        model.load_state_dict(load_file(str(Path(args.eval_only) / "model.safetensors")))
+        model = load_best_model(args.eval_only, model, cfg.peft)
+    else:
+        model = attach_adapters(model, cfg.peft, accelerator.print)
     trainable, total = trainable_summary(model)
     accelerator.print(
         f"{cfg.model.arch} on {side.info['kind']} features ({side.dim} ch), "
@@ -320,11 +270,11 @@ def main(argv: list[str] | None = None) -> dict:
         )
         report["prior"] = prior
 
-    def evaluate() -> tuple[list[dict], dict | None]:
+    def evaluate(model: torch.nn.Module, loader: Any) -> tuple[list[dict], dict | None]:
         got = predict(
             accelerator,
             model,
-            val_loader,
+            loader,
             lambda m, b: {"question_id": b["question_id"], "label": m(b).argmax(-1)},
         )
         results = [
@@ -337,8 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
         return results, metrics
 
     if args.eval_only:
-        model, val_loader = accelerator.prepare(model, val_loader)
-        results, metrics = evaluate()
+        results, metrics = evaluate(*accelerator.prepare(model, val_loader))
         report.update(evaluated=str(args.eval_only), val=metrics)
         if accelerator.is_main_process:
             write_json(out / "results_val.json", results)
@@ -349,121 +298,30 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- training
     report["vocab_coverage"]["train"] = train_ds.coverage
-    sampler = EpochSampler(len(train_ds), seed=tcfg.seed)
-    loader = DataLoader(
-        train_ds,
-        batch_size=tcfg.batch_size,
-        sampler=sampler,
-        collate_fn=collate_vqa,
-        num_workers=cfg.data.num_workers,
+    hooks = TaskHooks(
+        loss=lambda logits, batch: soft_bce(logits, batch["target"]),
+        evaluate=evaluate,
+        score=lambda m: m["overall"],
+        scalars=lambda m: {"overall": m["overall"], **m["perAnswerType"]},
+        save_best=lambda model, best, results: _save_best(
+            out, model, cfg, answers, q_tok, side, best, results
+        ),
     )
-    optimizer = build_adamw(model, cfg.optim, lr_scales={"backbone.": cfg.backbone_lr_scale})
-    steps_per_epoch = math.ceil(len(loader) / world_size)
-    total_steps = min(tcfg.max_steps or math.inf, steps_per_epoch * tcfg.epochs)
-    # Stepped by hand once per optimizer step, so the schedule ignores the process count.
-    scheduler = warmup_cosine(
-        optimizer,
-        min(cfg.optim.warmup_steps, total_steps // 5),
-        total_steps,
-        cfg.optim.min_lr_ratio,
-    )
-    model, optimizer, loader, val_loader = accelerator.prepare(model, optimizer, loader, val_loader)
-    unwrapped = accelerator.unwrap_model(model)
-
-    state = TrainerState(config=to_dict(cfg))
-    if tcfg.resume:
-        path = find_checkpoint(out, tcfg.resume)
-        state = load_checkpoint(
-            path, unwrapped, optimizer.optimizer, scheduler, rank=rank, config=to_dict(cfg)
-        )
-        accelerator.print(f"resumed from {path} at epoch {state.epoch} (step {state.step})")
-    history: list[dict] = state.extra.setdefault("history", [])
-    best: dict | None = state.extra.get("best")
     accelerator.init_trackers("vqa", config=flat_hparams(to_dict(cfg)))
-    bar = tqdm(
-        total=total_steps,
-        initial=state.step,
-        disable=not accelerator.is_main_process,
-        desc=f"vqa {cfg.model.arch}",
-        dynamic_ncols=True,
-    )
-    train_time, train_samples = 0.0, 0
-    model.train()
-    while state.epoch < tcfg.epochs and state.step < total_steps:
-        loader.set_epoch(state.epoch)  # accelerate re-sets the sampler from its own counter
-        t0, loss_sum, loss_n = time.monotonic(), torch.zeros(()), 0
-        for batch in loader:
-            with accelerator.autocast():
-                logits = model(batch)  # (B, A)
-            loss = soft_bce(logits.float(), batch["target"])
-            accelerator.backward(loss)
-            if cfg.optim.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            n = batch["target"].shape[0] * world_size
-            state.samples_seen += n
-            train_samples += n
-            loss_sum += loss.detach().cpu()
-            loss_n += 1
-            bar.update(1)
-            if state.step % tcfg.log_every == 0:
-                logged = accelerator.reduce(loss.detach(), "mean").item()
-                accelerator.log(
-                    {"train/loss": logged, "train/lr": scheduler.get_last_lr()[0]}, step=state.step
-                )
-                bar.set_postfix(loss=f"{logged:.3f}")
-            if state.step >= total_steps:
-                break
-        train_time += time.monotonic() - t0
-        state.epoch += 1
-
-        results, metrics = evaluate()
-        entry = {
-            "epoch": state.epoch,
-            "step": state.step,
-            "train_loss": (loss_sum / max(1, loss_n)).item(),
-        }
-        if metrics is not None:
-            entry["val_overall"] = metrics["overall"]
-            accelerator.log(
-                {
-                    "val/overall": metrics["overall"],
-                    **{f"val/{t}": v for t, v in metrics["perAnswerType"].items()},
-                },
-                step=state.step,
-            )
-        history.append(entry)
-        accelerator.print(f"epoch {state.epoch}: {json.dumps(entry)}")
-        better = best is None or metrics is None or metrics["overall"] > best["val"]["overall"]
-        if better:
-            best = {"epoch": state.epoch, "step": state.step, "val": metrics}
-            if accelerator.is_main_process:
-                _save_best(out / "best", unwrapped, cfg, answers, q_tok, side, best)
-                write_json(out / "results_val.json", results)
-        state.extra["best"] = best
-        save_checkpoint(
-            out,
-            state,
-            unwrapped.state_dict(),
-            optimizer.optimizer,
-            scheduler,
-            rank=rank,
-            world_size=world_size,
-            barrier=accelerator.wait_for_everyone,
-            keep_last=tcfg.keep_last,
-        )
-    bar.close()
-
+    # Adapters and heads are new weights: only a tuned backbone's own weights get the lower lr.
+    scales = {} if cfg.peft.method != "none" else {"backbone.": cfg.backbone_lr_scale}
+    result = fit(
+        accelerator, model, train_ds, val_loader, collate_vqa, hooks, cfg.optim, tcfg,
+        to_dict(cfg), lr_scales=scales, num_workers=cfg.data.num_workers,
+        name=f"vqa {cfg.model.arch}",
+    )  # fmt: skip
     report.update(
-        best_epoch=best["epoch"] if best else None,
-        val=best["val"] if best else None,
-        history=history,
-        steps=state.step,
-        samples_seen=state.samples_seen,
-        train_samples_per_s=train_samples / train_time if train_time else None,
+        best_epoch=result.best["epoch"] if result.best else None,
+        val=result.best["val"] if result.best else None,
+        history=result.history,
+        steps=result.steps,
+        samples_seen=result.samples_seen,
+        train_samples_per_s=result.train_samples_per_s,
         peak_memory=peak_memory(accelerator.device),
         seconds=time.monotonic() - started,
     )
@@ -474,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-def _save_best(folder, model, cfg, answers, q_tok, side, best) -> None:
+def _save_best(out, model, cfg, answers, q_tok, side, best, results) -> None:
     meta = {
         "visual_dim": side.dim,
         "num_answers": len(answers),
@@ -483,16 +341,14 @@ def _save_best(folder, model, cfg, answers, q_tok, side, best) -> None:
         "val": best["val"],
         "features": side.info,
     }
-    save_model_dir(
-        folder,
-        model.state_dict(),
-        {
-            "config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False),
-            "answers.json": lambda p: save_answer_vocab(answers, p),
-            "tokenizer": q_tok.save,
-            "meta.json": meta,
-        },
-    )
+    files = {
+        "config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False),
+        "answers.json": lambda p: save_answer_vocab(answers, p),
+        "tokenizer": q_tok.save,
+        "meta.json": meta,
+    }
+    save_best_dir(out / "best", model, cfg.peft, files)
+    write_json(out / "results_val.json", results)
 
 
 def _print_report(cfg: VQAConfig, report: dict, out: Path) -> None:

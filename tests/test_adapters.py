@@ -68,7 +68,7 @@ def test_presets_pick_the_documented_modules():
     ],
 )
 def test_save_reload_merge_exact(tmp_path, arch, method, scope):
-    cfg = AdapterConfig(method=method, scope=scope, r=4)
+    cfg = AdapterConfig(method=method, scope=scope, r=4, modules_to_save=["classifier"])
     model, targets = wrap(_model(arch), cfg)
     trainable, total, pct = trainable_fraction(model)
     assert 0 < pct < 50 and trainable < total
@@ -91,10 +91,12 @@ def test_save_reload_merge_exact(tmp_path, arch, method, scope):
 
 
 def test_bn_policy_train_saves_batchnorms(tmp_path):
-    model, _ = wrap(_model("RN-tiny"), AdapterConfig(bn_policy="train"))
+    model, _ = wrap(
+        _model("RN-tiny"), AdapterConfig("lora", bn_policy="train", modules_to_save=["classifier"])
+    )
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any(".bn." in n for n in trainable)
-    frozen, _ = wrap(_model("RN-tiny"), AdapterConfig(bn_policy="freeze"))
+    frozen, _ = wrap(_model("RN-tiny"), AdapterConfig("lora", bn_policy="freeze"))
     assert not any(".bn." in n for n, p in frozen.named_parameters() if p.requires_grad)
 
 

@@ -17,7 +17,7 @@ from cliptransfer.models.question import (
 )
 from cliptransfer.models.topdown import TopDown, TopDownConfig, masked_softmax
 from cliptransfer.models.visual_inputs import grid_boxes, grid_inputs, pad_visual
-from cliptransfer.tasks_common import GridBackbone, VLModel
+from cliptransfer.models.vl import GridBackbone, VLModel
 from cliptransfer.tuning import TuningConfig
 
 C, A, V = 12, 7, 30

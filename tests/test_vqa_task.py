@@ -42,7 +42,7 @@ def _args(world: Path, out: Path, cache: Path, *extra: str) -> list[str]:
         f"features.cache_dir={cache}", f"train.out_dir={out}", "train.batch_size=16",
         "train.eval_batch_size=32", "model.topdown.hidden=32", "model.mcan.hidden=16",
         "model.mcan.heads=2", "model.mcan.ffn=32", "model.mcan.flat_mlp=16",
-        "model.mcan.flat_out=32", "text.embed_dim=16", "text.hidden=32", "train.log_every=5",
+        "model.mcan.flat_out=32", "text.embed_dim=16", "text.hidden=32", "train.log_every=5", "train.num_threads=1",
         *extra,
     ]  # fmt: skip
     return [a for s in sets for a in ("--set", s)]
@@ -53,7 +53,7 @@ def test_features_mode_trains_scores_and_reloads(tiny_world: Path, tmp_path: Pat
     report = vqa.main(_args(tiny_world, out, tmp_path / "cache", "train.epochs=2"))
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["best_epoch"] == report["best_epoch"] and len(saved["history"]) == 2
-    best = max(h["val_overall"] for h in saved["history"])
+    best = max(h["val_score"] for h in saved["history"])
     assert saved["val"]["overall"] == best
     assert set(saved["val"]["perAnswerType"]) == {"yes/no", "number", "other"}
     assert set(saved["prior"]) == {"overall", "perQuestionType", "perAnswerType"}
@@ -82,29 +82,59 @@ def test_features_mode_trains_scores_and_reloads(tiny_world: Path, tmp_path: Pat
     assert [answers[k] for k in pred] == [by_qid[q] for q in batch["question_id"].tolist()]
 
 
-def test_end2end_lora_mcan(tiny_world: Path, tmp_path: Path):
+def test_end2end_lora_mcan_saves_reloads_and_merges(tiny_world: Path, tmp_path: Path):
+    from cliptransfer.adapters import AdapterConfig, load_adapter
+    from cliptransfer.models.vl import GridBackbone, VLModel, build_head
+
     out = tmp_path / "run"
-    extra = ["mode=end2end", "tuning.peft=lora", "tuning.lora_r=2", "model.arch=mcan",
+    extra = ["mode=end2end", "peft.method=lora", "peft.r=2", "model.arch=mcan",
              "text.encoder=lstm", "train.max_steps=3", "train.batch_size=8"]  # fmt: skip
     report = vqa.main(_args(tiny_world, out, tmp_path / "cache", *extra))
     assert report["mode"] == "end2end" and report["steps"] == 3
     assert report["features"]["kind"] == "end2end" and report["val"]["overall"] >= 0
     assert not (tmp_path / "cache").exists()  # no feature store in end2end mode
-    state = load_file(str(out / "best" / "model.safetensors"))
-    lora = [k for k in state if "lora_" in k]
-    assert lora and all(k.startswith("backbone.visual.") for k in lora)
-    # The base weights are the backbone's own (frozen under LoRA).
-    clip = load_backbone("RN-tiny")[0]
-    base = clip.visual.state_dict()
-    wrapped = [k[: -len(".base_layer.weight")] for k in state if k.endswith(".base_layer.weight")]
-    assert "backbone.visual.stages.0.0.conv1_1x1.conv" in wrapped
-    for key in wrapped:
-        plain = key.removeprefix("backbone.visual.") + ".weight"
-        assert torch.equal(state[f"{key}.base_layer.weight"], base[plain]), key
+    # Adapter-only folder: LoRA weights on the backbone's convs + the new head (modules_to_save).
+    adapter = load_file(str(out / "best" / "adapter" / "adapter_model.safetensors"))
+    lora = [k for k in adapter if "lora_" in k]
+    assert lora and all(k.startswith("base_model.model.backbone.visual.") for k in lora)
+    assert not any(".base_layer." in k for k in adapter)  # no frozen base weights in it
+    assert {k.split(".")[2] for k in adapter} == {"backbone", "head"}
+    assert not any(".visual.head." in k for k in adapter)  # CLIP's unused attention pool
+    # model.safetensors has the adapters merged in: the plain model's keys, a changed conv.
+    merged = load_file(str(out / "best" / "model.safetensors"))
+    assert not any("lora_" in k or "base_layer" in k for k in merged)
+    base = load_backbone("RN-tiny")[0].visual.state_dict()
+    # (random-init RN-tiny zero-inits each block's last BatchNorm: only shortcut convs move)
+    conv = "stages.0.0.shortcut.conv.conv.weight"
+    assert not torch.equal(merged[f"backbone.visual.{conv}"], base[conv])
     bn = "stem.conv1.bn.running_mean"  # frozen BatchNorm statistics stay the backbone's
-    assert torch.equal(state[f"backbone.visual.{bn}"], base[bn])
-    model = vqa.load_trained(out / "best")[0]
+    assert torch.equal(merged[f"backbone.visual.{bn}"], base[bn])
+
+    model, cfg, answers, q_tok = vqa.load_trained(out / "best")
     assert model.backbone is not None and model.backbone.channels == 256
+    # The adapter folder re-attached to a fresh base predicts exactly like the merged model.
+    head = build_head(cfg.model, cfg.text, 256, len(answers), q_tok.vocab_size)
+    fresh = VLModel(head, GridBackbone(load_backbone("RN-tiny")[0], cfg.tuning))
+    peft_model = load_adapter(fresh, out / "best" / "adapter", AdapterConfig("lora")).eval()
+    ids, mask, _ = q_tok(["what color is the circle?", "how many squares are there?"])
+    batch = {"pixels": torch.randn(2, 3, 64, 96), "text_ids": ids, "text_mask": mask}
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(batch), model(batch), rtol=1e-4, atol=1e-5)
+
+
+def test_features_mode_loha_on_the_fusion_head(tiny_world: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    extra = ["peft.method=loha", "peft.r=2", "train.max_steps=3"]
+    report = vqa.main(_args(tiny_world, out, tmp_path / "cache", *extra))
+    adapter = load_file(str(out / "best" / "adapter" / "adapter_model.safetensors"))
+    assert any("hada_" in k for k in adapter) and any(".classifier." in k for k in adapter)
+    assert not any(".question." in k and "hada_" not in k for k in adapter)  # GRU frozen
+    model, *_ = vqa.load_trained(out / "best")
+    ev = vqa.main(["--eval-only", str(out / "best"), "--set", f"train.out_dir={tmp_path / 'e'}"])
+    assert ev["val"] == report["val"]
+    with pytest.raises(SystemExit):  # a contradiction is refused before any work
+        vqa.main(_args(tiny_world, out, tmp_path / "cache", "peft.method=lora",
+                       "peft.scope=backbone"))  # fmt: skip
 
 
 def _region_store(world: Path, path: Path, drop: set[str]) -> None:

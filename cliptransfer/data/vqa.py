@@ -65,6 +65,10 @@ class VQASplit:
         return len(self.examples)
 
     @property
+    def source(self) -> Path:
+        return self.questions_file
+
+    @property
     def has_answers(self) -> bool:
         return self.annotation_records is not None
 
@@ -214,7 +218,7 @@ def coco_image_path(images: str | Path, data_subtype: str | None, image_id: int)
 
 
 def check_available(
-    split: VQASplit,
+    split: Any,
     available: Callable[[int], bool],
     where: str,
     skip_missing: bool,
@@ -223,6 +227,7 @@ def check_available(
 ) -> VQASplit:
     """Drop (with `skip_missing`) or report the questions whose image is not `available`.
 
+    `split`: a VQASplit, or any split with `source`, `image_ids()` and `without_images()`.
     `where` names the image folder or feature store in the error message, `describe(image_id)`
     (e.g. the expected file) the first missing image.
     """
@@ -232,12 +237,12 @@ def check_available(
     if not skip_missing:
         first = f" ({describe(missing[0])})" if describe else ""
         raise VQADataError(
-            f"{where}: {len(missing)} image(s) needed by {split.questions_file} are missing: "
+            f"{where}: {len(missing)} image(s) needed by {split.source} are missing: "
             f"image id {_first(missing)}{first} (skip_missing=True skips their questions)"
         )
     out = split.without_images(set(missing), reason)
     if not out.examples:
-        raise VQADataError(f"{where}: every image of {split.questions_file} is missing")
+        raise VQADataError(f"{where}: every image of {split.source} is missing")
     return out
 
 
