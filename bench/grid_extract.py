@@ -18,7 +18,11 @@ Variants, each timed on the same preprocessed pixel batch (forward pass only):
                         bf16 autocast only where the CPU has native bf16 (AVX512-BF16 / AMX, from
                         /proc/cpuinfo; --bf16 on forces it). Not what extract_grids does today.
   open_clip +channels_last   (ResNets, --peer-fast) the same memory-format change on the peer
-Rounds of one batch per variant, order reversed every round, warm-up dropped, median reported.
+Rounds of one batch per variant, order reversed every round, warm-up dropped, median reported,
+with the minor page faults per image: at these input sizes most activations are 32 MiB or more,
+which glibc serves as fresh mmaps that the kernel zero-fills page by page on every forward.
+`--malloc keep` makes glibc keep and reuse freed memory instead (a process-wide setting: it
+speeds up both sides alike).
 
 Then (unless --no-extract) the whole `extract_grids` on a folder of generated JPEGs into a fresh
 FeatureStore, against the forward pass alone, with its parts timed separately (decode + resize +
@@ -26,6 +30,7 @@ normalise, the state-dict hash and the batch-1 probe forward done once per call,
 
     python bench/grid_extract.py                 # RN50 600x1000 + ViT-B-32 384x640, batch 2
     python bench/grid_extract.py --arch RN50 --size RN50=448x448 --batch 4 --repeats 5
+    python bench/grid_extract.py --arch RN50 --peer-fast --no-extract --malloc keep
     python bench/grid_extract.py --quick         # RN-tiny + ViT-tiny 96x160, < 1 minute
 """
 
@@ -34,6 +39,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import logging
+import math
 import platform
 import resource
 import shutil
@@ -196,7 +202,7 @@ class Variant:
 
 def make_variants(
     arch: str, args: argparse.Namespace, size: tuple[int, int], bf16: bool
-) -> tuple[list[Variant], CLIP, torch.Tensor]:
+) -> tuple[list[Variant], CLIP]:
     cfg = get_arch(arch)
     torch.manual_seed(args.seed)
     ref = open_clip_model(arch, cfg).eval()
@@ -244,7 +250,7 @@ def make_variants(
                 return peer_cl_grid(pixels.contiguous(memory_format=torch.channels_last))
 
         variants.append(Variant("open_clip +channels_last", open_clip_cl))
-    return variants, ours32, pixels
+    return variants, ours32
 
 
 def check_pos_embed(
@@ -269,13 +275,20 @@ def check_pos_embed(
     )
 
 
-def run_interleaved(variants: list[Variant], warmup: int, repeats: int) -> None:
-    """Rounds of one batch per variant, the order reversed every round; warm-up rounds dropped."""
-    for i in range(warmup + repeats):
+def run_interleaved(
+    variants: list[Variant], warmup: int, repeats: int | None, budget: float
+) -> None:
+    """Rounds of one batch per variant, the order reversed every round; warm-up rounds dropped.
+    `repeats` None: as many timed rounds as fit in `budget` seconds at the last warm-up round's
+    pace, 3 to 15."""
+    i = 0
+    while repeats is None or i < warmup + repeats:
+        round_s = 0.0
         for v in variants if i % 2 == 0 else variants[::-1]:
             faults, start = minor_faults(), time.perf_counter()
             out = v.run()
             elapsed, faults = time.perf_counter() - start, minor_faults() - faults
+            round_s += elapsed
             if v.first is None:
                 v.first = out.float()
             if i >= warmup:
@@ -283,6 +296,10 @@ def run_interleaved(variants: list[Variant], warmup: int, repeats: int) -> None:
                 v.faults.append(faults)
             tag = "warm-up" if i < warmup else "timed"
             print(f"  {tag} {v.name}: {elapsed:.2f} s", file=sys.stderr, flush=True)
+        i += 1
+        if repeats is None and i == warmup:
+            repeats = min(15, max(3, math.ceil(budget / round_s)))
+            print(f"  {repeats} timed rounds ({round_s:.1f} s each)", file=sys.stderr, flush=True)
 
 
 def write_jpegs(folder: Path, n: int, size: tuple[int, int], seed: int) -> list[Path]:
@@ -355,22 +372,16 @@ def bench_extract(
     print(
         f"[{arch}] extract_grids on {n} JPEGs ({args.jpeg_size[0]}x{args.jpeg_size[1]}, "
         f"{mb:.1f} MB) at {size[0]}x{size[1]}, batch {args.batch}: forward alone {fwd:.2f} s, "
-        f"extract_grids {ext:.2f} s; its parts: decode+resize+normalise {med['decode']:.2f} s, "
-        f"state-dict sha256 {med['hash']:.2f} s, batch-1 probe forward {med['probe']:.2f} s, "
-        f"store writes {med['write']:.2f} s (sum with forward "
-        f"{fwd + sum(med.values()):.2f} s)",
+        f"extract_grids {ext:.2f} s; parts timed alone add up to "
+        f"{fwd + sum(med.values()):.2f} s",
         flush=True,
     )
-    fixed = med["hash"] + med["probe"]
-    steady = (ext - fixed) / n  # per image once the per-call costs are amortised
-    size_s = f"{size[0]}x{size[1]}"
+    # One row: end-to-end throughput, then the parts: per call (paid once per extract_grids
+    # call, i.e. per rank and per resume) and per image.
     return [
-        f"| {arch} | {size_s} | forward only (ours fp32, preprocessed pixels) | {n} | {fwd:.2f} | "
-        f"{n / fwd:.2f} | 1.00x |",
-        f"| {arch} | {size_s} | `extract_grids`, JPEG folder -> FeatureStore | {n} | {ext:.2f} | "
-        f"{n / ext:.2f} | {fwd / ext:.2f}x |",
-        f"| {arch} | {size_s} | `extract_grids` less per-call hash + probe (large folder) | {n} | "
-        f"{ext - fixed:.2f} | {1 / steady:.2f} | {fwd / (ext - fixed):.2f}x |",
+        f"| {arch} | {size[0]}x{size[1]} | {n} | {n / fwd:.3g} | {n / ext:.3g} | "
+        f"**{fwd / ext:.2f}x** | {med['hash']:.2g} | {med['probe']:.3g} | "
+        f"{fwd / n:.3g} | {1000 * med['decode'] / n:.3g} | {1000 * med['write'] / n:.2g} |"
     ]
 
 
@@ -387,8 +398,8 @@ def listing(times: list[float]) -> str:
 
 def bench_arch(arch: str, args: argparse.Namespace, bf16: bool, root: Path) -> tuple[list, list]:
     size = args.sizes.get(arch) or parse_size(DEFAULT_SIZES.get(arch, "448x448"))
-    variants, ours32, pixels = make_variants(arch, args, size, bf16)
-    run_interleaved(variants, args.warmup, args.repeats)
+    variants, ours32 = make_variants(arch, args, size, bf16)
+    run_interleaved(variants, args.warmup, args.repeats, args.budget)
     base = variants[0]
     grid_n, channels = base.first.shape[1:]
     scale = base.first.abs().max().item()
@@ -425,7 +436,15 @@ def main(argv: list[str] | None = None) -> None:
         + ")",
     )
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3, help="timed batches per variant")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed batches per variant (default: as many rounds as fit in --budget, 3 to 15)",
+    )
+    parser.add_argument(
+        "--budget", type=float, default=40.0, help="seconds of timed rounds per arch (default)"
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed batches per variant")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument(
@@ -454,19 +473,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="RN-tiny + ViT-tiny at 96x160, batch 8, 15 timed batches, 32 JPEGs: a smoke run",
+        help="RN-tiny + ViT-tiny at 96x160, batch 8, 32 JPEGs: a smoke run",
     )
     args = parser.parse_args(argv)
     if args.quick:
         args.arch = args.arch or ["RN-tiny", "ViT-tiny"]
         args.batch = 8 if args.batch == 2 else args.batch
-        args.repeats = max(args.repeats, 15)  # tiny batches take ~20 ms: more samples
+        args.budget = min(args.budget, 5.0)  # tiny batches take ~20 ms: 15 rounds
         args.extract_images = args.extract_images or 32
         args.jpeg_size = "240x320" if args.jpeg_size == "480x640" else args.jpeg_size
     args.arch = args.arch or ["RN50", "ViT-B-32"]
     args.extract_images = args.extract_images or 2 * args.batch
     args.jpeg_size = parse_size(args.jpeg_size)
-    if min(args.repeats, args.warmup, args.batch, args.extract_repeats) < 1:
+    timed = 1 if args.repeats is None else args.repeats
+    if min(timed, args.warmup, args.batch, args.extract_repeats) < 1:
         parser.error("--repeats, --warmup, --batch and --extract-repeats must be >= 1")
     args.sizes = {}
     for s in args.size:
@@ -490,7 +510,8 @@ def main(argv: list[str] | None = None) -> None:
             "slower; --bf16 on forces it)"
         )
     print(
-        f"batch {args.batch}, {args.warmup} warm-up + {args.repeats} timed batches per variant, "
+        f"batch {args.batch}, {args.warmup} warm-up + "
+        f"{args.repeats or f'up to {args.budget:.0f} s of'} timed batches per variant, "
         "interleaved\n",
         flush=True,
     )
@@ -511,8 +532,10 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(rows))
     if extract_rows:
         print(
-            "\n| arch | input HxW | what | images | s | images/s | vs forward only |"
-            "\n|---|---|---|---|---|---|---|"
+            "\n| arch | input HxW | images | forward only, images/s | extract_grids, images/s "
+            "| extract / forward | per call: state sha256 s | per call: batch-1 probe s "
+            "| per image: forward s | per image: decode+resize ms | per image: store write ms |"
+            "\n|---|---|---|---|---|---|---|---|---|---|---|"
         )
         print("\n".join(extract_rows))
 

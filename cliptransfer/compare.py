@@ -66,9 +66,16 @@ class TaskSpec:
 VQA_ANSWER_TYPES = ("yes/no", "number", "other")
 SNLI_VE_LABELS = ("entailment", "neutral", "contradiction")
 TASKS = {
-    "vqa": TaskSpec("vqa", "vqa.py", "overall", "perAnswerType", VQA_ANSWER_TYPES, "answer prior"),
+    "vqa": TaskSpec(
+        "vqa",
+        "vqa.py",
+        "overall",
+        "perAnswerType",
+        VQA_ANSWER_TYPES,
+        "answer prior (per question type)",
+    ),  # fmt: skip
     "snli-ve": TaskSpec(
-        "snli-ve", "snli_ve.py", "accuracy", "per_label", SNLI_VE_LABELS, "label prior"
+        "snli-ve", "snli_ve.py", "accuracy", "per_label", SNLI_VE_LABELS, "majority-label prior"
     ),
 }
 

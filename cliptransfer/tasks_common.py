@@ -66,7 +66,7 @@ class FeatureConfig:
     store: str = ""
     tsv: list[str] = dataclasses.field(default_factory=list)  # BUTD/LXMERT TSV or HDF5 file(s)
     cache_dir: str = ""  # default: <world>/features on Shapes, <out_dir>/features otherwise
-    size: str = "240x320"  # HxW input of grid extraction and of end2end (CLIP-ViL: 600x1000)
+    size: str = "180x240"  # HxW input of grid extraction and of end2end (CLIP-ViL: 600x1000)
     batch_size: int = 32  # extraction batch per process
     storage: Literal["float32", "float16"] = "float32"
     boxes: Literal["adaptive", "fixed36"] = "adaptive"  # Shapes bottomup: 10-100 or 36 boxes

@@ -12,7 +12,7 @@ accuracy overall and per gold label next to the majority-label prior.
     accelerate launch tasks/snli_ve.py --set features.kind=bottomup       # BUTD-style regions
     accelerate launch tasks/snli_ve.py --set model.arch=mcan
     accelerate launch tasks/snli_ve.py --set mode=end2end --set peft.method=lora
-    accelerate launch tasks/snli_ve.py --config configs/tasks/vqa_v2_rn50.yaml \\
+    accelerate launch tasks/snli_ve.py --config configs/tasks/snli_ve_rn50.yaml \\
         --set data.train=/data/snli_ve/snli_ve_train.jsonl \\
         --set data.val=/data/snli_ve/snli_ve_dev.jsonl \\
         --set data.test=/data/snli_ve/snli_ve_test.jsonl \\
@@ -54,7 +54,7 @@ from cliptransfer.features.extract import load_backbone
 from cliptransfer.finetune import TaskHooks, fit, start_run
 from cliptransfer.metrics.snli_ve import SNLI_VE_LABELS, snli_ve_accuracy
 from cliptransfer.models.question import QuestionConfig, build_question_tokenizer
-from cliptransfer.models.vl import GridBackbone, HeadConfig, VLModel, build_head
+from cliptransfer.models.vl import GridBackbone, HeadConfig, VLModel, build_head, shapes_head
 from cliptransfer.optim import OptimConfig, trainable_summary
 from cliptransfer.tasks_common import (
     FeatureConfig,
@@ -95,13 +95,13 @@ class VEConfig:
     tuning: TuningConfig = field(default_factory=TuningConfig)  # end2end: lock_image or full
     backbone_lr_scale: float = 0.1
     peft: AdapterConfig = field(default_factory=AdapterConfig)
-    text: QuestionConfig = field(default_factory=QuestionConfig)
-    model: HeadConfig = field(default_factory=HeadConfig)
+    text: QuestionConfig = field(default_factory=lambda: QuestionConfig(embed_dim=64, hidden=128))
+    model: HeadConfig = field(default_factory=shapes_head)
     optim: OptimConfig = field(
-        default_factory=lambda: OptimConfig(lr=2e-3, weight_decay=0.01, warmup_steps=100)
+        default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.01, warmup_steps=100)
     )
     train: TaskTrainConfig = field(
-        default_factory=lambda: TaskTrainConfig(out_dir="runs/snli_ve", epochs=8)
+        default_factory=lambda: TaskTrainConfig(out_dir="runs/snli_ve", epochs=6)
     )
 
 

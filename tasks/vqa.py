@@ -1,14 +1,14 @@
 """VQA v2 transfer of a CLIP backbone (CLIP-ViL's "direct fine-tuning" setting), through Accelerate.
 
 With no arguments it prepares the Shapes world (if needed), extracts the packaged tiny CLIP's grid
-features into a cached feature store, trains a top-down attention head, scores it on val with
+features into a cached feature store, trains a small MCAN head, scores it on val with
 the official VQA metric and prints it next to the answer prior (most frequent train answer per
 question type):
 
     accelerate launch tasks/vqa.py
     python tasks/vqa.py                                            # the same, one process
     accelerate launch --multi_gpu --num_processes 2 tasks/vqa.py --cpu --set train.num_threads=1
-    accelerate launch tasks/vqa.py --config configs/tasks/vqa_mcan.yaml
+    accelerate launch tasks/vqa.py --config configs/tasks/vqa_topdown.yaml       # BUTD top-down
     accelerate launch tasks/vqa.py --config configs/tasks/vqa_bottomup.yaml      # BUTD regions
     accelerate launch tasks/vqa.py --config configs/tasks/vqa_end2end_lora.yaml  # pixels + LoRA
     accelerate launch tasks/vqa.py --config configs/tasks/vqa_v2_rn50.yaml \
@@ -64,7 +64,7 @@ from cliptransfer.features.extract import load_backbone
 from cliptransfer.finetune import TaskHooks, fit, start_run
 from cliptransfer.metrics.vqa import evaluate_vqa
 from cliptransfer.models.question import QuestionConfig, build_question_tokenizer
-from cliptransfer.models.vl import GridBackbone, HeadConfig, VLModel, build_head
+from cliptransfer.models.vl import GridBackbone, HeadConfig, VLModel, build_head, shapes_head
 from cliptransfer.optim import OptimConfig, trainable_summary
 from cliptransfer.tasks_common import (
     FeatureConfig,
@@ -117,13 +117,13 @@ class VQAConfig:
     backbone_lr_scale: float = 0.1  # end2end: the backbone's lr is this times optim.lr
     # PEFT adapters: on the backbone (end2end) or the fusion head (features); see adapters.py
     peft: AdapterConfig = field(default_factory=AdapterConfig)
-    text: QuestionConfig = field(default_factory=QuestionConfig)
-    model: HeadConfig = field(default_factory=HeadConfig)
+    text: QuestionConfig = field(default_factory=lambda: QuestionConfig(embed_dim=64, hidden=128))
+    model: HeadConfig = field(default_factory=shapes_head)
     optim: OptimConfig = field(
-        default_factory=lambda: OptimConfig(lr=2e-3, weight_decay=0.01, warmup_steps=100)
+        default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.01, warmup_steps=100)
     )
     train: TaskTrainConfig = field(
-        default_factory=lambda: TaskTrainConfig(out_dir="runs/vqa", epochs=12)
+        default_factory=lambda: TaskTrainConfig(out_dir="runs/vqa", epochs=6)
     )
     eval: EvalConfig = field(default_factory=EvalConfig)
 

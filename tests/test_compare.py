@@ -107,7 +107,7 @@ def test_vqa_table_plot_json_and_reuse(fake: Path, tmp_path: Path, capsys):
         "| 283.3 | 870 (cpu_ru_maxrss) | 2.5 |",
         "| bottomup | regions | - | regions | 2048 | 58.00 | 79.00 | 38.00 | 52.00 "
         "| 308.0 | 879 (cpu_ru_maxrss) | 9.5 |",
-        "| answer prior |  |  |  |  | 39.64 | 63.80 | 34.00 | 21.72 |  |  |  |",
+        "| answer prior (per question type) |  |  |  |  | 39.64 | 63.80 | 34.00 | 21.72 |  |  |  |",
     ]
     assert table in printed and "fake child bottomup" in printed  # child output is streamed
     assert "fake child bottomup" in (out / "bottomup" / "compare.log").read_text()
@@ -126,7 +126,7 @@ def test_vqa_table_plot_json_and_reuse(fake: Path, tmp_path: Path, capsys):
     assert first["val"] == {"overall": 61.234, "yes/no": 80.5, "number": 40.125, "other": 55.0}
     assert first["peak_memory"] == {"kind": "cpu_ru_maxrss", "mib": 880.9}
     assert first["input_size"] == [64, 96] and not first["reused"]
-    assert saved["prior"] == [{"source": "clip-grid-default", "setting": "answer prior",
+    assert saved["prior"] == [{"source": "clip-grid-default", "setting": "answer prior (per question type)",
                                "val": {"overall": 39.64, "yes/no": 63.8, "number": 34.0,
                                        "other": 21.72}}]  # fmt: skip
     assert _calls(fake) == ["clip-grid", "clip-grid", "bottomup"]
@@ -152,7 +152,7 @@ def test_snli_ve_table_through_the_cli(fake: Path, tmp_path: Path, capsys):
         "| 308.0 | 879 (cpu_ru_maxrss) | 9.5 |",
         "| clip-grid-default | grid | default | 64x96 → 2x3 | 256 | 61.23 | 80.50 | - | 55.00 "
         "| 311.2 | 881 (cpu_ru_maxrss) | 10.0 |",
-        "| label prior |  |  |  |  | 33.33 | 100.00 | 0.00 | 0.00 |  |  |  |",
+        "| majority-label prior |  |  |  |  | 33.33 | 100.00 | 0.00 | 0.00 |  |  |  |",
     ]
     rows = json.loads((out / "compare.json").read_text())["rows"]
     assert rows[0]["val"] == {"accuracy": 58.0, "entailment": 79.0, "neutral": None,

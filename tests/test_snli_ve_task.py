@@ -149,3 +149,20 @@ def test_two_processes_score_like_one(tiny_world: Path, tmp_path: Path):
     assert len({r["pairID"] for r in results}) == len(results) == 72
     one = ve.main(["--eval-only", str(out / "best"), "--set", f"train.out_dir={tmp_path / 'one'}"])
     assert one["val"] == two["val"]
+
+
+def test_end2end_frozen_backbone_and_missing_images(tiny_world: Path, tmp_path: Path):
+    import shutil
+
+    world = tmp_path / "world"  # a copy with one dev image removed
+    shutil.copytree(tiny_world, world)
+    dev = load_snli_ve(world / "snli_ve" / "snli_ve_dev.jsonl")
+    gone = dev.image_ids()[0]
+    (world / "flickr30k_images" / f"{gone}.jpg").unlink()
+    extra = ["mode=end2end", "tuning.lock_image=true", "train.max_steps=2", "train.batch_size=8"]
+    with pytest.raises(ValueError, match=rf"1 image\(s\) needed by .*snli_ve_dev.jsonl.*{gone}"):
+        ve.main(_args(world, tmp_path / "a", tmp_path / "cache", *extra))
+    report = ve.main(["--skip-missing", *_args(world, tmp_path / "b", tmp_path / "cache", *extra)])
+    assert report["skipped"]["val"] == {"missing_image": 9} and report["val"]["count"] == 63
+    assert report["features"]["kind"] == "end2end" and report["steps"] == 2
+    assert not (tmp_path / "cache").exists()

@@ -22,7 +22,7 @@ from cliptransfer.models.topdown import TopDown, TopDownConfig
 from cliptransfer.models.visual_inputs import grid_inputs
 from cliptransfer.tuning import TuningConfig, apply_tuning
 
-__all__ = ["GridBackbone", "HeadConfig", "VLModel", "build_head"]
+__all__ = ["GridBackbone", "HeadConfig", "VLModel", "build_head", "shapes_head"]
 
 
 @dataclass
@@ -31,6 +31,12 @@ class HeadConfig:
     spatial: bool = True  # feed the normalised box of each cell/region
     topdown: TopDownConfig = dataclasses.field(default_factory=TopDownConfig)
     mcan: MCANConfig = dataclasses.field(default_factory=MCANConfig)
+
+
+def shapes_head() -> HeadConfig:
+    """The task scripts' default head: a small MCAN (hidden 64), sized for the Shapes world on two
+    CPU cores (tuned on `small`: 6 VQA epochs in a few minutes). Real data: see configs/tasks/."""
+    return HeadConfig(arch="mcan", mcan=MCANConfig(hidden=64, ffn=128, flat_mlp=64, flat_out=128))
 
 
 def build_head(
