@@ -39,6 +39,7 @@ from cliptransfer.tuning import TuningConfig
 __all__ = [
     "FeatureConfig",
     "attach_adapters",
+    "check_visual_dim",
     "check_tuning",
     "load_best_model",
     "save_best_dir",
@@ -389,6 +390,17 @@ def save_best_dir(
     merged = adapters.merge(copy.deepcopy(model))  # the live model keeps its adapters
     files = dict(files, adapter=lambda d: model.save_pretrained(str(d)))
     return save_model_dir(folder, merged.state_dict(), files)
+
+
+def check_visual_dim(folder: str | Path, side: ImageSide) -> None:
+    """A best/ folder evaluated on features of another width is an error naming both."""
+    meta = json.loads((Path(folder) / "meta.json").read_text())
+    if int(meta["visual_dim"]) != side.dim:
+        raise ValueError(
+            f"{side.where or 'the image side'} gives {side.dim}-channel features but "
+            f"{folder} was trained on {meta['visual_dim']}-channel features "
+            f"({meta.get('features', {}).get('backbone', '?')})"
+        )
 
 
 def load_best_model(folder: str | Path, model: nn.Module, cfg: AdapterConfig) -> nn.Module:

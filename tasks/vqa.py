@@ -71,6 +71,7 @@ from cliptransfer.tasks_common import (
     TaskTrainConfig,
     WorldConfig,
     attach_adapters,
+    check_visual_dim,
     flat_hparams,
     image_side,
     load_best_model,
@@ -234,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     head = build_head(cfg.model, cfg.text, side.dim, len(answers), q_tok.vocab_size)
     model = VLModel(head, side.backbone)
     if args.eval_only:
+        check_visual_dim(args.eval_only, side)
         model = load_best_model(args.eval_only, model, cfg.peft)
     else:
         model = attach_adapters(model, cfg.peft, accelerator.print)

@@ -128,6 +128,10 @@ def test_ia3_adapters_on_the_fusion_head(tiny_world: Path, tmp_path: Path):
     assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "IA3"
     ev = ve.main(["--eval-only", str(out / "best"), "--set", f"train.out_dir={tmp_path / 'e'}"])
     assert ev["val"] == json.loads((out / "metrics.json").read_text())["val"]
+    # Features of another backbone (ViT-tiny: 128 channels) do not fit the trained head.
+    other = ["--set", "backbone=ViT-tiny", "--set", f"features.cache_dir={tmp_path / 'vit'}"]
+    with pytest.raises(ValueError, match=r"gives 128-channel features but .* on 256-channel"):
+        ve.main(["--eval-only", str(out / "best"), *other])
 
 
 def _two_process_run(args: list[str]) -> None:
