@@ -13,10 +13,11 @@ non-native size is built with `force_image_size` and loaded with open_clip's `re
 
 Variants, each timed on the same preprocessed pixel batch (forward pass only):
   open_clip fp32        open_clip's visual tower as above, torch.no_grad
-  ours fp32             `CLIP.encode_grid(pixels)` under torch.no_grad: what extract_grids runs
-  ours fast             + torch.inference_mode, channels_last weights and input (ResNets),
-                        bf16 autocast only where the CPU has native bf16 (AVX512-BF16 / AMX, from
-                        /proc/cpuinfo; --bf16 on forces it). Not what extract_grids does today.
+  ours fp32             `CLIP.encode_grid(pixels)` under torch.no_grad (`extract_grids(fast=False)`)
+  ours fast             what extract_grids runs by default: `models.inference.inference_tower`
+                        (ResNets: BatchNorm folded into the convs, channels_last weights and
+                        input), torch.inference_mode, bf16 autocast only where the CPU has native
+                        bf16 (AVX512-BF16 / AMX, from /proc/cpuinfo; --bf16 on forces it).
   open_clip +channels_last   (ResNets, --peer-fast) the same memory-format change on the peer
 Rounds of one batch per variant, order reversed every round, warm-up dropped, median reported,
 with the minor page faults per image: at these input sizes most activations are 32 MiB or more,
@@ -62,7 +63,8 @@ from cliptransfer.features.store import FeatureStore
 from cliptransfer.models import CLIP, create_clip
 from cliptransfer.models.archs import CLIPConfig, get_arch
 from cliptransfer.models.convert import openai_to_project
-from cliptransfer.models.grid import resample_pos_embed
+from cliptransfer.models.grid import encode_grid, resample_pos_embed
+from cliptransfer.models.inference import inference_tower
 from cliptransfer.models.loading import load_state_dict_checked
 
 DEFAULT_SIZES = {
@@ -224,15 +226,13 @@ def make_variants(
         with torch.no_grad():  # extract_grids' context
             return ours32.encode_grid(pixels)[0]
 
-    if resnet:
-        ours_fast.visual.to(memory_format=torch.channels_last)
-    autocast = torch.bfloat16 if bf16 else None
+    tower, channels_last = inference_tower(ours_fast.visual)
 
     def ours_fast_run() -> torch.Tensor:
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
             # The conversion is part of the cost: a loader hands over contiguous NCHW batches.
-            x = pixels.contiguous(memory_format=torch.channels_last) if resnet else pixels
-            return ours_fast.encode_grid(x, dtype=autocast)[0]
+            x = pixels.contiguous(memory_format=torch.channels_last) if channels_last else pixels
+            return encode_grid(tower, x)[0]
 
     variants = [
         Variant("open_clip fp32", open_clip_fp32),

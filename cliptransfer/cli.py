@@ -109,6 +109,7 @@ def _extract_grid(args: argparse.Namespace) -> int:
         accelerator=accelerator,
         num_workers=args.num_workers,
         progress=True,
+        fast=not args.plain,
     )
     if accelerator.is_main_process:
         print(json.dumps(stats, indent=2, default=str))
@@ -209,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--storage", default="float32", choices=["float32", "float16"])
     grid.add_argument("--num-workers", type=int, default=0)
     grid.add_argument("--cpu", action="store_true", help="force CPU")
+    grid.add_argument(
+        "--plain",
+        action="store_true",
+        help="run the tower as trained (default: BatchNorm folded + channels_last, ~1e-6 apart)",
+    )
     grid.set_defaults(func=_extract_grid)
     reg = ex_sub.add_parser("import-regions", help="BUTD TSV / LXMERT TSV / HDF5 regions -> store")
     reg.add_argument("paths", nargs="+", help="region feature files (format auto-detected)")

@@ -26,6 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 from cliptransfer.data.augment import OPENAI_MEAN, OPENAI_STD, to_tensor
 from cliptransfer.data.pairs import open_image
 from cliptransfer.distributed import world_info
+from cliptransfer.models import grid as grid_ops
+from cliptransfer.models.inference import inference_tower
 
 from .store import DEFAULT_SHARD_BYTES, FeatureStore, canonical_image_id
 
@@ -46,7 +48,7 @@ COMPUTE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": t
                   "bf16": torch.bfloat16}  # fmt: skip
 STORAGE_ALIASES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16"}
 # Metadata that may change between runs of one store without changing the features.
-INFORMATIONAL_KEYS = ("backbone",)
+INFORMATIONAL_KEYS = ("backbone", "fast_path")
 
 
 class ImageReadError(OSError):
@@ -190,8 +192,12 @@ def extract_grids(
     coco_ids: bool = True,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool = False,
+    fast: bool = True,
 ) -> dict[str, Any]:
     """Extract (H*W, C) grid features of every image into the store `out`; returns counts.
+
+    `fast` runs an inference copy of the tower (`models.inference`: ResNet BatchNorm folded into
+    the convs, channels_last; equal to the plain forward within float rounding).
 
     `backbone`: checkpoint path, "default", arch name or CLIP module (see `load_backbone`).
     `size` (H, W) or "HxW". `dtype` "float32" (default) or "bfloat16" (autocast). `storage`
@@ -226,7 +232,21 @@ def extract_grids(
     model, name, sha = load_backbone(backbone)
     model = model.to(device).eval()
     autocast = None if compute == torch.float32 else compute
-    probe, grid_hw = model.encode_grid(torch.zeros(1, 3, *size, device=device), dtype=autocast)
+    # BatchNorm folded into the convs + channels_last (ResNets): 1.1-1.3x, same features to ~1e-6
+    tower, channels_last = inference_tower(model.visual) if fast else (model.visual, False)
+
+    def encode(pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        if channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        with (
+            torch.inference_mode(),
+            torch.autocast(
+                device.type, dtype=autocast or torch.float32, enabled=autocast is not None
+            ),
+        ):
+            return grid_ops.encode_grid(tower, pixels)  # (B, H*W, C), (H, W)
+
+    probe, grid_hw = encode(torch.zeros(1, 3, *size, device=device))
     vision = model.config.vision
     meta = {
         "kind": "grid",
@@ -241,6 +261,7 @@ def extract_grids(
         "mean": list(OPENAI_MEAN),
         "std": list(OPENAI_STD),
         "compute_dtype": "float32" if autocast is None else "bfloat16",
+        "fast_path": bool(fast),
         "dtype": STORAGE_ALIASES[storage],
     }
     stats = {"store": str(out), "rank": rank, "world_size": world_size, "images": len(files)}
@@ -262,7 +283,7 @@ def extract_grids(
 
             bar = tqdm(total=len(todo), desc=f"grid features -> {out}", unit="img")
         for pixels, idx, widths, heights in loader:
-            feats, hw = model.encode_grid(pixels.to(device, non_blocking=True), dtype=autocast)
+            feats, hw = encode(pixels.to(device, non_blocking=True))
             if tuple(hw) != tuple(grid_hw):
                 raise RuntimeError(f"grid {hw} differs from the probe's {grid_hw}")
             feats = feats.float().cpu()  # (B, H*W, C)
