@@ -50,7 +50,8 @@ def _args(world: Path, out: Path, cache: Path, *extra: str) -> list[str]:
 
 def test_features_mode_trains_scores_and_reloads(tiny_world: Path, tmp_path: Path):
     out = tmp_path / "run"
-    report = vqa.main(_args(tiny_world, out, tmp_path / "cache", "train.epochs=2"))
+    args = _args(tiny_world, out, tmp_path / "cache", "train.epochs=2", "model.arch=topdown")
+    report = vqa.main(args)
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["best_epoch"] == report["best_epoch"] and len(saved["history"]) == 2
     best = max(h["val_score"] for h in saved["history"])
