@@ -33,12 +33,14 @@ from cliptransfer.features.regions import import_regions
 from cliptransfer.features.store import FeatureStore, check_metadata
 from cliptransfer.fileio import atomic_save_dir, atomic_write_text
 from cliptransfer.models.visual_inputs import PixelInputs, StoreInputs
-from cliptransfer.models.vl import GridBackbone
+from cliptransfer.models.vl import GridBackbone, VLModel, build_head
 from cliptransfer.tuning import TuningConfig
 
 __all__ = [
     "FeatureConfig",
     "attach_adapters",
+    "run_model",
+    "task_model",
     "check_visual_dim",
     "check_tuning",
     "load_best_model",
@@ -416,4 +418,39 @@ def load_best_model(folder: str | Path, model: nn.Module, cfg: AdapterConfig) ->
             f"{path} does not fit the model of its config.yaml: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
+    return model
+
+
+def task_model(
+    cfg: Any, visual_dim: int, num_outputs: int, vocab_size: int, backbone: nn.Module | None = None
+) -> VLModel:
+    """The plain model of a task config (`model`, `text`, `mode`, `backbone`, `tuning` fields):
+    the head, plus in end2end mode `backbone` or the config's CLIP image tower."""
+    if backbone is None and cfg.mode == "end2end":
+        backbone = GridBackbone(load_backbone(cfg.backbone)[0], cfg.tuning)
+    head = build_head(cfg.model, cfg.text, visual_dim, num_outputs, vocab_size)
+    return VLModel(head, backbone)
+
+
+def run_model(
+    accelerator: Any, cfg: Any, side: ImageSide, num_outputs: int, vocab_size: int,
+    eval_only: str | None,
+) -> nn.Module:  # fmt: skip
+    """The run's model, seeded: a saved best/ folder's (`eval_only`) or a new one with the
+    config's PEFT adapters attached; prints its size."""
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.train.seed)
+    model: nn.Module = task_model(cfg, side.dim, num_outputs, vocab_size, side.backbone)
+    if eval_only:
+        check_visual_dim(eval_only, side)
+        model = load_best_model(eval_only, model, cfg.peft)
+    else:
+        model = attach_adapters(model, cfg.peft, accelerator.print)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    accelerator.print(
+        f"{cfg.model.arch} on {side.info['kind']} features ({side.dim} ch), {num_outputs} "
+        f"outputs: {total:,} params, {trainable:,} trainable"
+    )
     return model

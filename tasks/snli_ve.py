@@ -36,7 +36,6 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 import yaml
-from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from cliptransfer.adapters import AdapterConfig
@@ -50,18 +49,15 @@ from cliptransfer.data.snli_ve import (
     load_snli_ve,
 )
 from cliptransfer.data.vqa import check_available
-from cliptransfer.features.extract import load_backbone
 from cliptransfer.finetune import TaskHooks, fit, start_run
 from cliptransfer.metrics.snli_ve import SNLI_VE_LABELS, snli_ve_accuracy
 from cliptransfer.models.question import QuestionConfig, build_question_tokenizer
-from cliptransfer.models.vl import GridBackbone, HeadConfig, VLModel, build_head, shapes_head
-from cliptransfer.optim import OptimConfig, trainable_summary
+from cliptransfer.models.vl import HeadConfig, VLModel, shapes_head
+from cliptransfer.optim import OptimConfig
 from cliptransfer.tasks_common import (
     FeatureConfig,
     TaskTrainConfig,
     WorldConfig,
-    attach_adapters,
-    check_visual_dim,
     flat_hparams,
     image_side,
     load_best_model,
@@ -69,7 +65,9 @@ from cliptransfer.tasks_common import (
     peak_memory,
     predict,
     prepare_world,
+    run_model,
     save_best_dir,
+    task_model,
     write_json,
 )
 from cliptransfer.tuning import TuningConfig
@@ -96,7 +94,9 @@ class VEConfig:
     tuning: TuningConfig = field(default_factory=TuningConfig)  # end2end: lock_image or full
     backbone_lr_scale: float = 0.1
     peft: AdapterConfig = field(default_factory=AdapterConfig)
-    text: QuestionConfig = field(default_factory=lambda: QuestionConfig(embed_dim=64, hidden=128))
+    text: QuestionConfig = field(
+        default_factory=lambda: QuestionConfig(embed_dim=64, hidden=128, max_length=40)
+    )
     model: HeadConfig = field(default_factory=shapes_head)
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.01, warmup_steps=100)
@@ -131,11 +131,8 @@ def load_trained(folder: str | Path) -> tuple[VLModel, VEConfig, Any]:
     cfg = load_config(VEConfig, folder / "config.yaml")
     meta = json.loads((folder / "meta.json").read_text())
     tok = build_question_tokenizer(cfg.text, folder / "tokenizer")
-    backbone = None
-    if cfg.mode == "end2end":
-        backbone = GridBackbone(load_backbone(cfg.backbone)[0], cfg.tuning)
-    head = build_head(cfg.model, cfg.text, meta["visual_dim"], len(SNLI_VE_LABELS), tok.vocab_size)
-    return load_best_model(folder, VLModel(head, backbone), cfg.peft).eval(), cfg, tok
+    model = task_model(cfg, meta["visual_dim"], len(SNLI_VE_LABELS), tok.vocab_size)
+    return load_best_model(folder, model, cfg.peft).eval(), cfg, tok
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -180,19 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
     datasets = {name: VEDataset(split, tok, side.inputs) for name, split in splits.items()}
 
     # ---- model: the head (+ the backbone in end2end mode)
-    set_seed(tcfg.seed)
-    head = build_head(cfg.model, cfg.text, side.dim, len(SNLI_VE_LABELS), tok.vocab_size)
-    model = VLModel(head, side.backbone)
-    if args.eval_only:
-        check_visual_dim(args.eval_only, side)
-        model = load_best_model(args.eval_only, model, cfg.peft)
-    else:
-        model = attach_adapters(model, cfg.peft, accelerator.print)
-    trainable, total = trainable_summary(model)
-    accelerator.print(
-        f"{cfg.model.arch} on {side.info['kind']} features ({side.dim} ch): "
-        f"{total:,} params, {trainable:,} trainable"
-    )
+    n_labels = len(SNLI_VE_LABELS)
+    model = run_model(accelerator, cfg, side, n_labels, tok.vocab_size, args.eval_only)
     if accelerator.is_main_process and not args.eval_only:
         from cliptransfer.config import save_config
 
@@ -281,7 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
         train_samples_per_s=result.train_samples_per_s,
     )
     if "test" in splits:  # the best dev epoch, once on test
-        best = load_best_model(out / "best", _fresh(cfg, side, tok), cfg.peft)
+        fresh = task_model(cfg, side.dim, n_labels, tok.vocab_size)
+        best = load_best_model(out / "best", fresh, cfg.peft)
         accelerator.wait_for_everyone()
         results, metrics = scorer(splits["test"])(*accelerator.prepare(best, loader("test")))
         report["test"] = metrics
@@ -293,15 +280,6 @@ def main(argv: list[str] | None = None) -> dict:
         _print_report(cfg, report, out)
     accelerator.end_training()
     return report
-
-
-def _fresh(cfg: VEConfig, side: Any, tok: Any) -> VLModel:
-    """A plain model of the run's architecture to load best/ into."""
-    backbone = None
-    if cfg.mode == "end2end":
-        backbone = GridBackbone(load_backbone(cfg.backbone)[0], cfg.tuning)
-    head = build_head(cfg.model, cfg.text, side.dim, len(SNLI_VE_LABELS), tok.vocab_size)
-    return VLModel(head, backbone)
 
 
 def _present(per_label: dict) -> dict[str, float]:

@@ -40,7 +40,6 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 import yaml
-from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from cliptransfer.adapters import AdapterConfig
@@ -60,18 +59,15 @@ from cliptransfer.data.vqa_answers import (
     make_ans2label,
     save_answer_vocab,
 )
-from cliptransfer.features.extract import load_backbone
 from cliptransfer.finetune import TaskHooks, fit, start_run
 from cliptransfer.metrics.vqa import evaluate_vqa
 from cliptransfer.models.question import QuestionConfig, build_question_tokenizer
-from cliptransfer.models.vl import GridBackbone, HeadConfig, VLModel, build_head, shapes_head
-from cliptransfer.optim import OptimConfig, trainable_summary
+from cliptransfer.models.vl import HeadConfig, VLModel, shapes_head
+from cliptransfer.optim import OptimConfig
 from cliptransfer.tasks_common import (
     FeatureConfig,
     TaskTrainConfig,
     WorldConfig,
-    attach_adapters,
-    check_visual_dim,
     flat_hparams,
     image_side,
     load_best_model,
@@ -79,7 +75,9 @@ from cliptransfer.tasks_common import (
     peak_memory,
     predict,
     prepare_world,
+    run_model,
     save_best_dir,
+    task_model,
     write_json,
 )
 from cliptransfer.tuning import TuningConfig
@@ -142,11 +140,8 @@ def load_trained(folder: str | Path) -> tuple[VLModel, VQAConfig, list[str], Any
     meta = json.loads((folder / "meta.json").read_text())
     answers = load_answer_vocab(folder / "answers.json")
     q_tok = build_question_tokenizer(cfg.text, folder / "tokenizer")
-    backbone = None
-    if cfg.mode == "end2end":
-        backbone = GridBackbone(load_backbone(cfg.backbone)[0], cfg.tuning)
-    head = build_head(cfg.model, cfg.text, meta["visual_dim"], len(answers), q_tok.vocab_size)
-    model = load_best_model(folder, VLModel(head, backbone), cfg.peft)
+    model = task_model(cfg, meta["visual_dim"], len(answers), q_tok.vocab_size)
+    model = load_best_model(folder, model, cfg.peft)
     return model.eval(), cfg, answers, q_tok
 
 
@@ -231,19 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_ds = None if args.eval_only else VQADataset(train, q_tok, ans2label, side.inputs)
 
     # ---- model: the head (+ the backbone in end2end mode)
-    set_seed(tcfg.seed)
-    head = build_head(cfg.model, cfg.text, side.dim, len(answers), q_tok.vocab_size)
-    model = VLModel(head, side.backbone)
-    if args.eval_only:
-        check_visual_dim(args.eval_only, side)
-        model = load_best_model(args.eval_only, model, cfg.peft)
-    else:
-        model = attach_adapters(model, cfg.peft, accelerator.print)
-    trainable, total = trainable_summary(model)
-    accelerator.print(
-        f"{cfg.model.arch} on {side.info['kind']} features ({side.dim} ch), "
-        f"{len(answers)} answers: {total:,} params, {trainable:,} trainable"
-    )
+    model = run_model(accelerator, cfg, side, len(answers), q_tok.vocab_size, args.eval_only)
     if accelerator.is_main_process and not args.eval_only:
         save_config(cfg, out / "config.yaml")
 
