@@ -31,7 +31,7 @@ def resample_pos_embed(
 
     Bicubic, align_corners=False, no antialias: HF's `interpolate_pos_encoding` and open_clip's
     `resize_pos_embed(..., antialias=False)` (open_clip's default, antialias=True, is another
-    kernel when downsampling: 1.3e-2 apart on ViT-B/32 at 384x640; bench/grid_extract.py).
+    kernel: 1.3e-2 apart on ViT-B/32 at 384x640; bench/grid_extract.py).
     Identity (same tensor) at the native size.
     """
     return resample_abs_pos_embed(
