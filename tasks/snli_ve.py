@@ -27,6 +27,7 @@ metrics.json.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -39,7 +40,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from cliptransfer.adapters import AdapterConfig
-from cliptransfer.config import ConfigError, load_config, to_dict
+from cliptransfer.config import ConfigError, load_config, save_config, to_dict
 from cliptransfer.data.snli_ve import (
     VEDataset,
     VESplit,
@@ -125,8 +126,6 @@ def _data_files(d: DataConfig, world: Path | None) -> DataConfig:
 
 def load_trained(folder: str | Path) -> tuple[VLModel, VEConfig, Any]:
     """(model, config, hypothesis tokenizer) of a `best/` folder, on CPU in eval mode."""
-    import json
-
     folder = Path(folder)
     cfg = load_config(VEConfig, folder / "config.yaml")
     meta = json.loads((folder / "meta.json").read_text())
@@ -180,8 +179,6 @@ def main(argv: list[str] | None = None) -> dict:
     n_labels = len(SNLI_VE_LABELS)
     model = run_model(accelerator, cfg, side, n_labels, tok.vocab_size, args.eval_only)
     if accelerator.is_main_process and not args.eval_only:
-        from cliptransfer.config import save_config
-
         save_config(cfg, out / "config.yaml")
 
     def loader(name: str) -> DataLoader:
