@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import logging
 import math
 import platform
 import resource
@@ -55,17 +54,16 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
+from open_clip_peer import native_bf16_cpu, open_clip_model, ours_from_open_clip
 from PIL import Image
 
 from cliptransfer.data.pairs import open_image
 from cliptransfer.features.extract import extract_grids, load_backbone, parse_size, preprocess
 from cliptransfer.features.store import FeatureStore
-from cliptransfer.models import CLIP, create_clip
+from cliptransfer.models import CLIP
 from cliptransfer.models.archs import CLIPConfig, get_arch
-from cliptransfer.models.convert import openai_to_project
 from cliptransfer.models.grid import encode_grid, resample_pos_embed
 from cliptransfer.models.inference import inference_tower
-from cliptransfer.models.loading import load_state_dict_checked
 
 DEFAULT_SIZES = {
     "RN50": "600x1000",
@@ -73,16 +71,6 @@ DEFAULT_SIZES = {
     "RN-tiny": "96x160",
     "ViT-tiny": "96x160",
 }
-
-
-def native_bf16_cpu() -> bool:
-    """True if the CPU computes bf16 natively (AVX512-BF16 or AMX). Without it oneDNN emulates
-    bf16 through fp32 conversions and autocast is slower than fp32 (as in contrastive_step.py)."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def keep_freed_memory() -> bool:
@@ -102,34 +90,6 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def open_clip_model(arch: str, cfg: CLIPConfig, image_size: tuple[int, int] | None = None):
-    """open_clip's own model for `arch` (named config if it has one, else the same sizes through
-    `open_clip.model.CLIP`); `image_size` (H, W) builds a ViT for that input (its position
-    embedding sized for the new grid: load weights with `resize_pos_embed`)."""
-    name = f"{arch}-quickgelu" if cfg.quick_gelu else arch
-    if name in open_clip.list_models():
-        logging.disable(logging.WARNING)  # "No pretrained weights loaded": intended
-        try:
-            return open_clip.create_model(name, pretrained=None, force_image_size=image_size)
-        finally:
-            logging.disable(logging.NOTSET)
-    v, t = cfg.vision, cfg.text
-    vision = dict(image_size=image_size or v.image_size, width=v.width, mlp_ratio=v.mlp_ratio)
-    if v.kind == "resnet":
-        vision["layers"] = list(v.layers)
-    else:
-        vision.update(layers=v.layers, patch_size=v.patch_size, head_width=v.width // v.heads)
-    text = dict(
-        context_length=t.context_length,
-        vocab_size=t.vocab_size,
-        width=t.width,
-        heads=t.heads,
-        layers=t.layers,
-        mlp_ratio=t.mlp_ratio,
-    )
-    return open_clip.model.CLIP(cfg.embed_dim, vision, text, quick_gelu=cfg.quick_gelu)
-
-
 def randomize_batchnorm_(model: torch.nn.Module, g: torch.Generator) -> None:
     """Non-trivial BatchNorm affine parameters and running statistics.
 
@@ -144,14 +104,6 @@ def randomize_batchnorm_(model: torch.nn.Module, g: torch.Generator) -> None:
                 m.bias.copy_(torch.randn(n, generator=g) * 0.1)
                 m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
                 m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-
-
-def ours_from_open_clip(arch: str, ref: torch.nn.Module) -> CLIP:
-    """Our CLIP with open_clip's weights (its state dict is the OpenAI layout)."""
-    model = create_clip(arch)
-    sd = openai_to_project(ref.state_dict(), model.visual)
-    load_state_dict_checked(model, sd, f"open_clip {arch} state dict")
-    return model.eval()
 
 
 def open_clip_at_size(
@@ -209,8 +161,8 @@ def make_variants(
     torch.manual_seed(args.seed)
     ref = open_clip_model(arch, cfg).eval()
     randomize_batchnorm_(ref, torch.Generator().manual_seed(args.seed))
-    ours32 = ours_from_open_clip(arch, ref)
-    ours_fast = ours_from_open_clip(arch, ref)
+    ours32 = ours_from_open_clip(arch, ref).eval()
+    ours_fast = ours_from_open_clip(arch, ref).eval()
     peer = open_clip_at_size(arch, cfg, ref, size)
     resnet = cfg.vision.kind == "resnet"
     if not resnet:
