@@ -17,6 +17,7 @@ from typing import Literal
 
 from torch import nn
 
+from cliptransfer.optim import trainable_summary
 from cliptransfer.tuning import LORA_TARGETS
 
 METHODS = ("lora", "loha", "ia3")
@@ -142,8 +143,8 @@ def wrap(model: nn.Module, cfg: AdapterConfig, backbone_prefix: str = "backbone"
 
 
 def trainable_fraction(model: nn.Module) -> tuple[int, int, float]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """(trainable, total, trainable percent) parameter counts."""
+    trainable, total = trainable_summary(model)
     return trainable, total, 100.0 * trainable / max(1, total)
 
 

@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -235,3 +235,17 @@ def add_config_args(parser: argparse.ArgumentParser, default_config: str | None 
         metavar="KEY=VALUE",
         help="dotted override, e.g. --set optim.lr=1e-4 (repeatable)",
     )
+
+
+def flat_hparams(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config dict -> flat {"a.b": scalar} for TensorBoard's hparams."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flat_hparams(v, f"{key}."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[key] = v
+        else:
+            out[key] = str(v)
+    return out

@@ -9,6 +9,7 @@ best-model writer.
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from collections.abc import Callable
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -27,8 +30,11 @@ from cliptransfer.checkpointing import (
     load_checkpoint,
     save_checkpoint,
 )
+from cliptransfer.config import ConfigError, add_config_args, load_config
 from cliptransfer.data.contrastive import EpochSampler
+from cliptransfer.distributed import set_cpu_threads
 from cliptransfer.optim import OptimConfig, build_adamw, warmup_cosine
+from cliptransfer.task_model import check_tuning
 
 __all__ = ["FitResult", "TaskHooks", "fit", "start_run"]
 
@@ -40,15 +46,6 @@ def start_run(config_cls: type, argv: list[str] | None, doc: str | None) -> tupl
     config.yaml is the default config). Returns (config, args, accelerator), seeded, with the
     CPU thread count set.
     """
-    import argparse
-
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    from cliptransfer.config import ConfigError, add_config_args, load_config
-    from cliptransfer.distributed import set_cpu_threads
-    from cliptransfer.tasks_common import check_tuning
-
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     add_config_args(parser)
     parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")

@@ -1,5 +1,6 @@
 """Shared pieces of the transfer scripts (tasks/vqa.py, tasks/snli_ve.py): where image features
-come from, the end-to-end backbone, cross-process prediction, best-model folders, run reports.
+come from, cross-process prediction, run reports. The model itself (build, PEFT, best-model
+folders) is in `cliptransfer.task_model`, the loop in `cliptransfer.finetune`.
 
 Two modes share one model interface, `head(features (B, N, C), mask (B, N), text_ids (B, L),
 text_mask (B, L), spatial (B, N, 4))`:
@@ -11,7 +12,6 @@ text_mask (B, L), spatial (B, N, 4))`:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -23,39 +23,27 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from cliptransfer import adapters
-from cliptransfer.adapters import AdapterConfig
 from cliptransfer.features.extract import extract_grids, load_backbone, parse_size
 from cliptransfer.features.regions import import_regions
 from cliptransfer.features.store import FeatureStore, check_metadata
-from cliptransfer.fileio import atomic_save_dir, atomic_write_text
+from cliptransfer.fileio import atomic_write_text
 from cliptransfer.models.visual_inputs import PixelInputs, StoreInputs
-from cliptransfer.models.vl import GridBackbone, VLModel, build_head
+from cliptransfer.models.vl import GridBackbone
 from cliptransfer.tuning import TuningConfig
 
 __all__ = [
     "FeatureConfig",
-    "attach_adapters",
-    "run_model",
-    "task_model",
-    "check_visual_dim",
-    "check_tuning",
-    "load_best_model",
-    "save_best_dir",
     "TaskTrainConfig",
     "WorldConfig",
     "prepare_world",
     "ImageSide",
-    "flat_hparams",
     "image_side",
     "markdown_table",
     "peak_memory",
     "predict",
     "prepare_feature_store",
-    "save_model_dir",
     "write_json",
 ]
 
@@ -294,26 +282,6 @@ def predict(
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
-def save_model_dir(
-    folder: str | Path, state: Mapping[str, torch.Tensor], files: Mapping[str, Any]
-) -> Path:
-    """Atomically write `folder/model.safetensors` plus `files` (name -> text, JSON-able object,
-    or a callable writing into the folder, e.g. a tokenizer's `save`)."""
-
-    def write(tmp: Path) -> None:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-        save_file(tensors, str(tmp / "model.safetensors"))
-        for name, content in files.items():
-            if callable(content):
-                content(tmp / name)
-            elif isinstance(content, str):
-                (tmp / name).write_text(content)
-            else:
-                (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
-
-    return atomic_save_dir(write, folder)
-
-
 def write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
@@ -329,20 +297,6 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
     return {"kind": "cpu_ru_maxrss", "mib": kib / 1024}
 
 
-def flat_hparams(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested config dict -> flat {"a.b": scalar} for TensorBoard's hparams."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flat_hparams(v, f"{key}."))
-        elif isinstance(v, (int, float, str, bool)):
-            out[key] = v
-        else:
-            out[key] = str(v)
-    return out
-
-
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     def cell(v: Any) -> str:
         return f"{v:.2f}" if isinstance(v, float) else str(v)
@@ -350,107 +304,3 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
-
-
-def check_tuning(mode: str, tuning: TuningConfig, peft: AdapterConfig) -> None:
-    """Reject settings that contradict each other before any work starts."""
-    from cliptransfer.config import ConfigError
-
-    if tuning.peft is not None:
-        raise ConfigError(
-            "tuning.peft is the pretraining script's LoRA; task scripts take "
-            f"--set peft.method={tuning.peft} (with peft.r, peft.alpha, peft.bn_policy)"
-        )
-    if peft.method != "none" and mode == "end2end" and tuning.lock_image:
-        raise ConfigError("peft adapters on a locked backbone: drop tuning.lock_image")
-    if peft.method != "none" and mode == "features" and peft.scope == "backbone":
-        raise ConfigError("peft.scope=backbone needs mode=end2end (features mode has no backbone)")
-
-
-def attach_adapters(model: nn.Module, cfg: AdapterConfig, log: Callable[[str], Any]) -> nn.Module:
-    """`model` wrapped with the PEFT adapters of `cfg` (unchanged for method "none"); logs the
-    targets and the trainable fraction."""
-    if cfg.method == "none":
-        return model
-    wrapped, targets = adapters.wrap(model, cfg)
-    trainable, total, pct = adapters.trainable_fraction(wrapped)
-    scope = adapters.resolve(cfg, model).scope
-    log(
-        f"PEFT {cfg.method} (r={cfg.r}) on the {scope}: {len(targets)} modules adapted, "
-        f"{trainable:,} of {total:,} parameters trainable ({pct:.2f}%)"
-    )
-    return wrapped
-
-
-def save_best_dir(
-    folder: str | Path, model: nn.Module, cfg: AdapterConfig, files: Mapping[str, Any]
-) -> Path:
-    """A best-model folder: model.safetensors (adapters merged in, so it loads into the plain
-    model) and, with PEFT, `adapter/` (adapter-only, `save_pretrained`) beside it."""
-    if cfg.method == "none":
-        return save_model_dir(folder, model.state_dict(), files)
-    merged = adapters.merge(copy.deepcopy(model))  # the live model keeps its adapters
-    files = dict(files, adapter=lambda d: model.save_pretrained(str(d)))
-    return save_model_dir(folder, merged.state_dict(), files)
-
-
-def check_visual_dim(folder: str | Path, side: ImageSide) -> None:
-    """A best/ folder evaluated on features of another width is an error naming both."""
-    meta = json.loads((Path(folder) / "meta.json").read_text())
-    if int(meta["visual_dim"]) != side.dim:
-        raise ValueError(
-            f"{side.where or 'the image side'} gives {side.dim}-channel features but "
-            f"{folder} was trained on {meta['visual_dim']}-channel features "
-            f"({meta.get('features', {}).get('backbone', '?')})"
-        )
-
-
-def load_best_model(folder: str | Path, model: nn.Module, cfg: AdapterConfig) -> nn.Module:
-    """Load a `save_best_dir` folder's merged weights into a freshly built plain `model`."""
-    from safetensors.torch import load_file
-
-    path = Path(folder) / "model.safetensors"
-    if cfg.method != "none":
-        adapters.prepare_base(model, cfg)  # the same BatchNorm policy as in training
-    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{path} does not fit the model of its config.yaml: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}"
-        )
-    return model
-
-
-def task_model(
-    cfg: Any, visual_dim: int, num_outputs: int, vocab_size: int, backbone: nn.Module | None = None
-) -> VLModel:
-    """The plain model of a task config (`model`, `text`, `mode`, `backbone`, `tuning` fields):
-    the head, plus in end2end mode `backbone` or the config's CLIP image tower."""
-    if backbone is None and cfg.mode == "end2end":
-        backbone = GridBackbone(load_backbone(cfg.backbone)[0], cfg.tuning)
-    head = build_head(cfg.model, cfg.text, visual_dim, num_outputs, vocab_size)
-    return VLModel(head, backbone)
-
-
-def run_model(
-    accelerator: Any, cfg: Any, side: ImageSide, num_outputs: int, vocab_size: int,
-    eval_only: str | None,
-) -> nn.Module:  # fmt: skip
-    """The run's model, seeded: a saved best/ folder's (`eval_only`) or a new one with the
-    config's PEFT adapters attached; prints its size."""
-    from accelerate.utils import set_seed
-
-    set_seed(cfg.train.seed)
-    model: nn.Module = task_model(cfg, side.dim, num_outputs, vocab_size, side.backbone)
-    if eval_only:
-        check_visual_dim(eval_only, side)
-        model = load_best_model(eval_only, model, cfg.peft)
-    else:
-        model = attach_adapters(model, cfg.peft, accelerator.print)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    accelerator.print(
-        f"{cfg.model.arch} on {side.info['kind']} features ({side.dim} ch), {num_outputs} "
-        f"outputs: {total:,} params, {trainable:,} trainable"
-    )
-    return model

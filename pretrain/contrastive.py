@@ -37,7 +37,14 @@ from cliptransfer.checkpointing import (
     save_checkpoint,
 )
 from cliptransfer.clip_eval import ClassifySet, RetrievalSet, evaluate_clip
-from cliptransfer.config import ConfigError, add_config_args, load_config, save_config, to_dict
+from cliptransfer.config import (
+    ConfigError,
+    add_config_args,
+    flat_hparams,
+    load_config,
+    save_config,
+    to_dict,
+)
 from cliptransfer.data.contrastive import EpochSampler, PairDataConfig, PairDataset, collate_pairs
 from cliptransfer.data.pairs import load_pairs
 from cliptransfer.data.shapes import default_world_dir, prepare_shapes
@@ -228,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
         state.extra["initial_eval"] = initial
         accelerator.print(f"random-init eval: {json.dumps(_headline(initial))}")
 
-    accelerator.init_trackers("pretrain", config=_flat_hparams(to_dict(cfg)))
+    accelerator.init_trackers("pretrain", config=flat_hparams(to_dict(cfg)))
     bad = {"skipped": state.extra.get("skipped", 0), "truncated": state.extra.get("truncated", 0)}
     bad_examples: list[str] = []
 
@@ -371,19 +378,6 @@ def _comparison_table(initial: dict, final: dict) -> str:
             f"{final['zeroshot'][task]['top1']:.2f} |"
         )
     return "\n".join(rows)
-
-
-def _flat_hparams(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat_hparams(v, f"{key}."))
-        elif isinstance(v, (int, float, str, bool)):
-            out[key] = v
-        else:
-            out[key] = str(v)
-    return out
 
 
 if __name__ == "__main__":

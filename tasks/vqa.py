@@ -43,7 +43,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from cliptransfer.adapters import AdapterConfig
-from cliptransfer.config import ConfigError, load_config, save_config, to_dict
+from cliptransfer.config import ConfigError, flat_hparams, load_config, save_config, to_dict
 from cliptransfer.data.vqa import (
     VQADataset,
     answer_prior,
@@ -64,20 +64,16 @@ from cliptransfer.metrics.vqa import evaluate_vqa
 from cliptransfer.models.question import QuestionConfig, build_question_tokenizer
 from cliptransfer.models.vl import HeadConfig, VLModel, shapes_head
 from cliptransfer.optim import OptimConfig
+from cliptransfer.task_model import load_best_model, run_model, save_best_dir, task_model
 from cliptransfer.tasks_common import (
     FeatureConfig,
     TaskTrainConfig,
     WorldConfig,
-    flat_hparams,
     image_side,
-    load_best_model,
     markdown_table,
     peak_memory,
     predict,
     prepare_world,
-    run_model,
-    save_best_dir,
-    task_model,
     write_json,
 )
 from cliptransfer.tuning import TuningConfig
