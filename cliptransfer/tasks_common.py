@@ -113,7 +113,7 @@ def _complete_store(
     """The store at `path` if it exists, fits `expect` and holds every id of `needed`: then the
     run only reads it (no writer, so concurrent runs can share a finished cache). Rank 0 decides
     for everyone, so all processes take the same path (and meet at the same barriers)."""
-    complete = False
+    store, complete = None, False
     if (path / "metadata.json").is_file():
         store = FeatureStore.open(path, expect=expect)
         complete = bool(needed) and all(i in store for i in needed)
@@ -121,7 +121,9 @@ def _complete_store(
         from accelerate.utils import broadcast_object_list
 
         complete = broadcast_object_list([complete])[0]
-    return FeatureStore.open(path, expect=expect) if complete else None
+    if not complete:
+        return None
+    return store if store is not None else FeatureStore.open(path, expect=expect)
 
 
 def prepare_feature_store(

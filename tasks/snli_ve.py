@@ -260,9 +260,9 @@ def main(argv: list[str] | None = None) -> dict:
         train_samples_per_s=result.train_samples_per_s,
     )
     if "test" in splits:  # the best dev epoch, once on test
+        accelerator.wait_for_everyone()  # best/ is written by the main process
         fresh = task_model(cfg, side.dim, n_labels, tok.vocab_size)
         best = load_best_model(out / "best", fresh, cfg.peft)
-        accelerator.wait_for_everyone()
         results, metrics = scorer(splits["test"])(*accelerator.prepare(best, loader("test")))
         report["test"] = metrics
         if accelerator.is_main_process:
