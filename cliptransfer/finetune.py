@@ -30,7 +30,7 @@ from cliptransfer.checkpointing import (
     load_checkpoint,
     save_checkpoint,
 )
-from cliptransfer.config import ConfigError, add_config_args, load_config
+from cliptransfer.config import ConfigError, add_config_args, flat_hparams, load_config
 from cliptransfer.data.contrastive import EpochSampler
 from cliptransfer.distributed import set_cpu_threads
 from cliptransfer.optim import OptimConfig, build_adamw, warmup_cosine
@@ -105,6 +105,17 @@ class FitResult:
     samples_seen: int
     train_samples_per_s: float | None
 
+    def report(self) -> dict[str, Any]:
+        """The run report's training fields (metrics.json)."""
+        return {
+            "best_epoch": self.best["epoch"] if self.best else None,
+            "val": self.best["val"] if self.best else None,
+            "history": self.history,
+            "steps": self.steps,
+            "samples_seen": self.samples_seen,
+            "train_samples_per_s": self.train_samples_per_s,
+        }
+
 
 def fit(
     accelerator: Any,
@@ -119,13 +130,15 @@ def fit(
     *,
     lr_scales: dict[str, float] | None = None,
     num_workers: int = 0,
+    tracker: str = "task",
     name: str = "task",
 ) -> FitResult:
     """Train `model` on `train_ds` for `train_cfg.epochs` (or `max_steps`), evaluating after each
     epoch; resumes from `train_cfg.resume` ("latest" or a folder under `train_cfg.out_dir`).
 
     `train_cfg` is a `TaskTrainConfig`; `config` the run's resolved config as a dict (saved in
-    every checkpoint; a resume with another config is an error naming the keys).
+    every checkpoint and logged as hyperparameters of the TensorBoard run `tracker`; a resume
+    with another config is an error naming the keys).
     """
     out, world_size, rank = (
         Path(train_cfg.out_dir),
@@ -160,6 +173,7 @@ def fit(
             path, unwrapped, optimizer.optimizer, scheduler, rank=rank, config=config
         )
         accelerator.print(f"resumed from {path} at epoch {state.epoch} (step {state.step})")
+    accelerator.init_trackers(tracker, config=flat_hparams(config))
     history: list[dict] = state.extra.setdefault("history", [])
     best: dict | None = state.extra.get("best")
     bar = tqdm(

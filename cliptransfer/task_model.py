@@ -30,6 +30,7 @@ __all__ = [
     "check_tuning",
     "check_visual_dim",
     "load_best_model",
+    "lr_scales",
     "run_model",
     "save_best_dir",
     "save_model_dir",
@@ -152,3 +153,9 @@ def run_model(
         f"outputs: {total:,} params, {trainable:,} trainable"
     )
     return model
+
+
+def lr_scales(cfg: Any) -> dict[str, float]:
+    """Learning-rate multipliers by parameter-name prefix: a fully fine-tuned backbone trains at
+    `backbone_lr_scale` x lr; adapters and heads are new weights and train at the full lr."""
+    return {} if cfg.peft.method != "none" else {"backbone.": cfg.backbone_lr_scale}

@@ -40,7 +40,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from cliptransfer.adapters import AdapterConfig
-from cliptransfer.config import ConfigError, flat_hparams, load_config, save_config, to_dict
+from cliptransfer.config import ConfigError, load_config, save_config, to_dict
 from cliptransfer.data.snli_ve import (
     VEDataset,
     VESplit,
@@ -55,7 +55,13 @@ from cliptransfer.metrics.snli_ve import SNLI_VE_LABELS, snli_ve_accuracy
 from cliptransfer.models.question import QuestionConfig, build_question_tokenizer
 from cliptransfer.models.vl import HeadConfig, VLModel, shapes_head
 from cliptransfer.optim import OptimConfig
-from cliptransfer.task_model import load_best_model, run_model, save_best_dir, task_model
+from cliptransfer.task_model import (
+    load_best_model,
+    lr_scales,
+    run_model,
+    save_best_dir,
+    task_model,
+)
 from cliptransfer.tasks_common import (
     FeatureConfig,
     TaskTrainConfig,
@@ -244,21 +250,12 @@ def main(argv: list[str] | None = None) -> dict:
         scalars=lambda m: {"accuracy": m["accuracy"], **_present(m["per_label"])},
         save_best=save_best,
     )
-    accelerator.init_trackers("snli_ve", config=flat_hparams(to_dict(cfg)))
-    scales = {} if cfg.peft.method != "none" else {"backbone.": cfg.backbone_lr_scale}
     result = fit(
         accelerator, model, datasets["train"], loader("val"), collate_ve, hooks, cfg.optim, tcfg,
-        to_dict(cfg), lr_scales=scales, num_workers=cfg.data.num_workers,
-        name=f"snli-ve {cfg.model.arch}",
+        to_dict(cfg), lr_scales=lr_scales(cfg), num_workers=cfg.data.num_workers,
+        tracker="snli_ve", name=f"snli-ve {cfg.model.arch}",
     )  # fmt: skip
-    report.update(
-        best_epoch=result.best["epoch"] if result.best else None,
-        val=result.best["val"] if result.best else None,
-        history=result.history,
-        steps=result.steps,
-        samples_seen=result.samples_seen,
-        train_samples_per_s=result.train_samples_per_s,
-    )
+    report.update(result.report())
     if "test" in splits:  # the best dev epoch, once on test
         accelerator.wait_for_everyone()  # best/ is written by the main process
         fresh = task_model(cfg, side.dim, n_labels, tok.vocab_size)

@@ -43,7 +43,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from cliptransfer.adapters import AdapterConfig
-from cliptransfer.config import ConfigError, flat_hparams, load_config, save_config, to_dict
+from cliptransfer.config import ConfigError, load_config, save_config, to_dict
 from cliptransfer.data.vqa import (
     VQADataset,
     answer_prior,
@@ -64,7 +64,13 @@ from cliptransfer.metrics.vqa import evaluate_vqa
 from cliptransfer.models.question import QuestionConfig, build_question_tokenizer
 from cliptransfer.models.vl import HeadConfig, VLModel, shapes_head
 from cliptransfer.optim import OptimConfig
-from cliptransfer.task_model import load_best_model, run_model, save_best_dir, task_model
+from cliptransfer.task_model import (
+    load_best_model,
+    lr_scales,
+    run_model,
+    save_best_dir,
+    task_model,
+)
 from cliptransfer.tasks_common import (
     FeatureConfig,
     TaskTrainConfig,
@@ -288,21 +294,13 @@ def main(argv: list[str] | None = None) -> dict:
             out, model, cfg, answers, q_tok, side, best, results
         ),
     )
-    accelerator.init_trackers("vqa", config=flat_hparams(to_dict(cfg)))
-    # Adapters and heads are new weights: only a tuned backbone's own weights get the lower lr.
-    scales = {} if cfg.peft.method != "none" else {"backbone.": cfg.backbone_lr_scale}
     result = fit(
         accelerator, model, train_ds, val_loader, collate_vqa, hooks, cfg.optim, tcfg,
-        to_dict(cfg), lr_scales=scales, num_workers=cfg.data.num_workers,
-        name=f"vqa {cfg.model.arch}",
+        to_dict(cfg), lr_scales=lr_scales(cfg), num_workers=cfg.data.num_workers,
+        tracker="vqa", name=f"vqa {cfg.model.arch}",
     )  # fmt: skip
     report.update(
-        best_epoch=result.best["epoch"] if result.best else None,
-        val=result.best["val"] if result.best else None,
-        history=result.history,
-        steps=result.steps,
-        samples_seen=result.samples_seen,
-        train_samples_per_s=result.train_samples_per_s,
+        result.report(),
         peak_memory=peak_memory(accelerator.device),
         seconds=time.monotonic() - started,
     )
