@@ -39,14 +39,14 @@ import torch
 from open_clip.loss import ClipLoss
 from open_clip_peer import native_bf16_cpu, open_clip_model, ours_from_open_clip
 
-from cliptransfer.data.shapes.captions import make_captions
-from cliptransfer.data.shapes.scene import sample_scene
+from cliptransfer.clip import CLIP, create_clip
+from cliptransfer.clip.archs import CLIPConfig, get_arch
+from cliptransfer.contrastive.losses.clip import clamp_logit_scale_
+from cliptransfer.contrastive.objectives import ContrastiveModel, LossConfig
 from cliptransfer.defaults import resolve_tokenizer
-from cliptransfer.losses.clip import clamp_logit_scale_
-from cliptransfer.models import CLIP, create_clip
-from cliptransfer.models.archs import CLIPConfig, get_arch
-from cliptransfer.objectives import ContrastiveModel, LossConfig
-from cliptransfer.optim import param_groups
+from cliptransfer.engine.optim import param_groups
+from cliptransfer.worlds.shapes.captions import make_captions
+from cliptransfer.worlds.shapes.scene import sample_scene
 
 # open_clip_train's defaults for ViT/RN CLIP (lr is irrelevant to speed but kept realistic).
 LR, BETAS, EPS, WD = 5e-4, (0.9, 0.98), 1e-6, 0.2

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cliptransfer.features.store import FeatureStore
+from cliptransfer.visual.store import FeatureStore
 
 
 def write_layouts(root: Path, n: int, tokens: int, channels: int, dtype: str) -> tuple[Path, Path]:

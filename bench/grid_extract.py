@@ -1,6 +1,6 @@
 """Grid-feature extraction speed of cliptransfer vs open_clip: same backbone, weights and input.
 
-Grid features are what `cliptransfer.features.extract.extract_grids` stores: for ResNets the
+Grid features are what `cliptransfer.visual.extract.extract_grids` stores: for ResNets the
 `layer4` output before the attention pool (CLIP-ViL), for ViTs the patch tokens after the final
 LayerNorm with the position embedding resampled (bicubic, no antialias) to the input's grid.
 open_clip's model is built with a fixed seed (random weights, BatchNorm statistics randomised so
@@ -57,13 +57,13 @@ import torch
 from open_clip_peer import native_bf16_cpu, open_clip_model, ours_from_open_clip
 from PIL import Image
 
-from cliptransfer.data.pairs import open_image
-from cliptransfer.features.extract import extract_grids, load_backbone, parse_size, preprocess
-from cliptransfer.features.store import FeatureStore
-from cliptransfer.models import CLIP
-from cliptransfer.models.archs import CLIPConfig, get_arch
-from cliptransfer.models.grid import encode_grid, resample_pos_embed
-from cliptransfer.models.inference import inference_tower
+from cliptransfer.clip import CLIP
+from cliptransfer.clip.archs import CLIPConfig, get_arch
+from cliptransfer.clip.grid import encode_grid, resample_pos_embed
+from cliptransfer.clip.inference import inference_tower
+from cliptransfer.contrastive.pairs import open_image
+from cliptransfer.visual.extract import extract_grids, load_backbone, parse_size, preprocess
+from cliptransfer.visual.store import FeatureStore
 
 DEFAULT_SIZES = {
     "RN50": "600x1000",

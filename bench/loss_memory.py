@@ -54,7 +54,7 @@ def reset_peak() -> bool:
 
 def objective_runner(name: str, args: argparse.Namespace):
     """A function batch_size -> (inputs, step) where step(inputs) runs forward + backward."""
-    from cliptransfer.losses.filip import filip_loss
+    from cliptransfer.contrastive.losses.filip import filip_loss
 
     if name.startswith("filip loss"):
         n, k = args.tokens
@@ -75,9 +75,9 @@ def objective_runner(name: str, args: argparse.Namespace):
 
         return make, step
 
-    from cliptransfer.losses.declip import mask_tokens
-    from cliptransfer.models import create_clip
-    from cliptransfer.objectives import ContrastiveModel, LossConfig
+    from cliptransfer.clip import create_clip
+    from cliptransfer.contrastive.losses.declip import mask_tokens
+    from cliptransfer.contrastive.objectives import ContrastiveModel, LossConfig
 
     torch.manual_seed(0)
     clip = create_clip(args.arch)

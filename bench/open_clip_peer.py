@@ -10,10 +10,10 @@ from pathlib import Path
 import open_clip
 import torch
 
-from cliptransfer.models import CLIP, create_clip
-from cliptransfer.models.archs import CLIPConfig
-from cliptransfer.models.convert import openai_to_project
-from cliptransfer.models.loading import load_state_dict_checked
+from cliptransfer.clip import CLIP, create_clip
+from cliptransfer.clip.archs import CLIPConfig
+from cliptransfer.clip.convert import openai_to_project
+from cliptransfer.clip.loading import load_state_dict_checked
 
 
 def native_bf16_cpu() -> bool:

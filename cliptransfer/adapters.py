@@ -17,8 +17,8 @@ from typing import Literal
 
 from torch import nn
 
-from cliptransfer.optim import trainable_summary
-from cliptransfer.tuning import LORA_TARGETS
+from cliptransfer.clip.tuning import LORA_TARGETS
+from cliptransfer.engine.optim import trainable_summary
 
 METHODS = ("lora", "loha", "ia3")
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)

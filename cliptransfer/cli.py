@@ -23,7 +23,7 @@ from pathlib import Path
 
 
 def _prepare_shapes(args: argparse.Namespace) -> int:
-    from cliptransfer.data.shapes import prepare_shapes
+    from cliptransfer.worlds.shapes import prepare_shapes
 
     out = prepare_shapes(args.out, size=args.size, seed=args.seed, overwrite=args.overwrite)
     manifest = json.loads((Path(out) / "manifest.json").read_text())
@@ -32,8 +32,8 @@ def _prepare_shapes(args: argparse.Namespace) -> int:
 
 
 def _prepare_bottomup(args: argparse.Namespace) -> int:
-    from cliptransfer.features.bottomup import build_bottomup_features
-    from cliptransfer.features.region_model import RegionTrainConfig
+    from cliptransfer.worlds.shapes.bottomup import build_bottomup_features
+    from cliptransfer.worlds.shapes.region_model import RegionTrainConfig
 
     summary = build_bottomup_features(
         args.world,
@@ -78,7 +78,7 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def _evaluate_vqa(args: argparse.Namespace) -> int:
-    from cliptransfer.metrics.vqa import evaluate_vqa_files
+    from cliptransfer.tasks.vqa.metric import evaluate_vqa_files
 
     result = evaluate_vqa_files(args.questions, args.annotations, args.results, legacy=args.legacy)
     print(json.dumps(result))
@@ -86,7 +86,7 @@ def _evaluate_vqa(args: argparse.Namespace) -> int:
 
 
 def _evaluate_snli_ve(args: argparse.Namespace) -> int:
-    from cliptransfer.metrics.snli_ve import evaluate_snli_ve_files
+    from cliptransfer.tasks.snli_ve.metric import evaluate_snli_ve_files
 
     print(json.dumps(evaluate_snli_ve_files(args.data, args.results)))
     return 0
@@ -95,7 +95,7 @@ def _evaluate_snli_ve(args: argparse.Namespace) -> int:
 def _extract_grid(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
 
-    from cliptransfer.features.extract import extract_grids, parse_size
+    from cliptransfer.visual.extract import extract_grids, parse_size
 
     accelerator = Accelerator(cpu=args.cpu)
     stats = extract_grids(
@@ -118,7 +118,7 @@ def _extract_grid(args: argparse.Namespace) -> int:
 
 
 def _import_regions(args: argparse.Namespace) -> int:
-    from cliptransfer.features.regions import import_regions
+    from cliptransfer.visual.regions import import_regions
 
     stats = import_regions(
         args.paths, args.out, skip_bad=args.skip_bad, storage=args.storage, index=args.index
@@ -145,8 +145,8 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from cliptransfer.clip import load_clip
     from cliptransfer.config import to_dict
-    from cliptransfer.models import load_clip
 
     model = load_clip(args.checkpoint)
     n_params = sum(p.numel() for p in model.parameters())

@@ -52,6 +52,6 @@ def build_shapes_tokenizer(world: str | Path, out: str | Path = SHAPES_TOKENIZER
 
 def resolve_clip(name: str | Path):
     """ "default" -> the packaged tiny CLIP pretrained on the Shapes world; else `load_clip(path)`."""
-    from cliptransfer.models import load_clip
+    from cliptransfer.clip import load_clip
 
     return load_clip(DEFAULT_CLIP if str(name) == "default" else Path(name))

@@ -29,14 +29,9 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from cliptransfer.checkpointing import (
-    TrainerState,
-    atomic_save_dir,
-    find_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-from cliptransfer.clip_eval import ClassifySet, RetrievalSet, evaluate_clip
+from cliptransfer.clip import create_clip, load_clip
+from cliptransfer.clip.evaluation import ClassifySet, RetrievalSet, evaluate_clip
+from cliptransfer.clip.tuning import TuningConfig, apply_tuning, export_clip
 from cliptransfer.config import (
     ConfigError,
     add_config_args,
@@ -45,16 +40,21 @@ from cliptransfer.config import (
     save_config,
     to_dict,
 )
-from cliptransfer.data.contrastive import EpochSampler, PairDataConfig, PairDataset, collate_pairs
-from cliptransfer.data.pairs import load_pairs
-from cliptransfer.data.shapes import default_world_dir, prepare_shapes
+from cliptransfer.contrastive.data import EpochSampler, PairDataConfig, PairDataset, collate_pairs
+from cliptransfer.contrastive.losses.clip import clamp_logit_scale_
+from cliptransfer.contrastive.objectives import ContrastiveModel, LossConfig, needs_second_view
+from cliptransfer.contrastive.pairs import load_pairs
 from cliptransfer.defaults import resolve_tokenizer
-from cliptransfer.distributed import set_cpu_threads
-from cliptransfer.losses.clip import clamp_logit_scale_
-from cliptransfer.models import create_clip, load_clip
-from cliptransfer.objectives import ContrastiveModel, LossConfig, needs_second_view
-from cliptransfer.optim import OptimConfig, build_adamw, trainable_summary, warmup_cosine
-from cliptransfer.tuning import TuningConfig, apply_tuning, export_clip
+from cliptransfer.engine.checkpointing import (
+    TrainerState,
+    atomic_save_dir,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from cliptransfer.engine.distributed import set_cpu_threads
+from cliptransfer.engine.optim import OptimConfig, build_adamw, trainable_summary, warmup_cosine
+from cliptransfer.worlds.shapes import default_world_dir, prepare_shapes
 
 
 @dataclass

@@ -40,29 +40,13 @@ import yaml
 from torch.utils.data import DataLoader
 
 from cliptransfer.adapters import AdapterConfig
+from cliptransfer.clip.tuning import TuningConfig
 from cliptransfer.config import ConfigError, load_config, save_config, to_dict
-from cliptransfer.data.snli_ve import (
-    VEDataset,
-    VESplit,
-    collate_ve,
-    flickr_image_path,
-    label_prior,
-    load_snli_ve,
-)
-from cliptransfer.data.vqa import check_available
-from cliptransfer.finetune import TaskHooks, fit, start_run
-from cliptransfer.metrics.snli_ve import SNLI_VE_LABELS, snli_ve_accuracy
-from cliptransfer.models.question import QuestionConfig, build_question_tokenizer
-from cliptransfer.models.vl import HeadConfig, VLModel, shapes_head
-from cliptransfer.optim import OptimConfig
-from cliptransfer.task_model import (
-    load_best_model,
-    lr_scales,
-    run_model,
-    save_best_dir,
-    task_model,
-)
-from cliptransfer.tasks_common import (
+from cliptransfer.engine.finetune import TaskHooks, fit, start_run
+from cliptransfer.engine.optim import OptimConfig
+from cliptransfer.heads.model import HeadConfig, VLModel, shapes_head
+from cliptransfer.heads.question import QuestionConfig, build_question_tokenizer
+from cliptransfer.tasks.common import (
     FeatureConfig,
     TaskTrainConfig,
     WorldConfig,
@@ -73,7 +57,23 @@ from cliptransfer.tasks_common import (
     prepare_world,
     write_json,
 )
-from cliptransfer.tuning import TuningConfig
+from cliptransfer.tasks.snli_ve.data import (
+    VEDataset,
+    VESplit,
+    collate_ve,
+    flickr_image_path,
+    label_prior,
+    load_snli_ve,
+)
+from cliptransfer.tasks.snli_ve.metric import SNLI_VE_LABELS, snli_ve_accuracy
+from cliptransfer.tasks.vl_model import (
+    load_best_model,
+    lr_scales,
+    run_model,
+    save_best_dir,
+    task_model,
+)
+from cliptransfer.tasks.vqa.data import check_available
 
 
 @dataclass

@@ -43,35 +43,13 @@ import yaml
 from torch.utils.data import DataLoader
 
 from cliptransfer.adapters import AdapterConfig
+from cliptransfer.clip.tuning import TuningConfig
 from cliptransfer.config import ConfigError, load_config, save_config, to_dict
-from cliptransfer.data.vqa import (
-    VQADataset,
-    answer_prior,
-    check_available,
-    collate_vqa,
-    load_vqa,
-    prior_results,
-    with_coco_images,
-)
-from cliptransfer.data.vqa_answers import (
-    build_answer_vocab,
-    load_answer_vocab,
-    make_ans2label,
-    save_answer_vocab,
-)
-from cliptransfer.finetune import TaskHooks, fit, start_run
-from cliptransfer.metrics.vqa import evaluate_vqa
-from cliptransfer.models.question import QuestionConfig, build_question_tokenizer
-from cliptransfer.models.vl import HeadConfig, VLModel, shapes_head
-from cliptransfer.optim import OptimConfig
-from cliptransfer.task_model import (
-    load_best_model,
-    lr_scales,
-    run_model,
-    save_best_dir,
-    task_model,
-)
-from cliptransfer.tasks_common import (
+from cliptransfer.engine.finetune import TaskHooks, fit, start_run
+from cliptransfer.engine.optim import OptimConfig
+from cliptransfer.heads.model import HeadConfig, VLModel, shapes_head
+from cliptransfer.heads.question import QuestionConfig, build_question_tokenizer
+from cliptransfer.tasks.common import (
     FeatureConfig,
     TaskTrainConfig,
     WorldConfig,
@@ -82,7 +60,29 @@ from cliptransfer.tasks_common import (
     prepare_world,
     write_json,
 )
-from cliptransfer.tuning import TuningConfig
+from cliptransfer.tasks.vl_model import (
+    load_best_model,
+    lr_scales,
+    run_model,
+    save_best_dir,
+    task_model,
+)
+from cliptransfer.tasks.vqa.answers import (
+    build_answer_vocab,
+    load_answer_vocab,
+    make_ans2label,
+    save_answer_vocab,
+)
+from cliptransfer.tasks.vqa.data import (
+    VQADataset,
+    answer_prior,
+    check_available,
+    collate_vqa,
+    load_vqa,
+    prior_results,
+    with_coco_images,
+)
+from cliptransfer.tasks.vqa.metric import evaluate_vqa
 
 ANSWER_TYPES = ("yes/no", "number", "other")
 

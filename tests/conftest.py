@@ -30,7 +30,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> Path:
     """A `tiny` Shapes world shared by every test of the session (a few seconds to generate)."""
-    from cliptransfer.data.shapes import prepare_shapes
+    from cliptransfer.worlds.shapes import prepare_shapes
 
     return prepare_shapes(tmp_path_factory.mktemp("shapes") / "world", size="tiny", seed=0)
 

@@ -15,7 +15,7 @@ from cliptransfer.adapters import (
     trainable_fraction,
     wrap,
 )
-from cliptransfer.models import create_clip
+from cliptransfer.clip import create_clip
 
 
 class TaskModel(nn.Module):

@@ -12,20 +12,20 @@ import numpy as np
 import pytest
 import torch
 
-from cliptransfer.features.bottomup import (
+from cliptransfer.visual.regions import detect_format, import_regions, iter_regions
+from cliptransfer.visual.store import FeatureStore
+from cliptransfer.worlds.shapes.bottomup import (
     ObjectsFormatError,
     box_features,
     build_bottomup_features,
     load_objects,
     select_boxes,
 )
-from cliptransfer.features.region_model import (
+from cliptransfer.worlds.shapes.region_model import (
     RegionTrainConfig,
     load_images,
     load_region_model,
 )
-from cliptransfer.features.regions import detect_format, import_regions, iter_regions
-from cliptransfer.features.store import FeatureStore
 
 # Small sizes, seconds on a shared CPU: TRAIN learns a little, FAST only exercises the code.
 TRAIN = RegionTrainConfig(steps=40, batch_images=4, rois_per_image=16, warmup=2)

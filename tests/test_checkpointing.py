@@ -7,14 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from cliptransfer.checkpointing import (
+from cliptransfer.engine.checkpointing import (
     TrainerState,
     atomic_save_dir,
     find_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from cliptransfer.optim import OptimConfig, build_adamw, param_groups, warmup_cosine
+from cliptransfer.engine.optim import OptimConfig, build_adamw, param_groups, warmup_cosine
 
 
 class Net(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from cliptransfer.cli import main
-from cliptransfer.models import create_clip
+from cliptransfer.clip import create_clip
 
 
 def test_prepare_shapes_is_idempotent(tiny_world, capsys):
@@ -58,8 +58,8 @@ def test_unknown_size_is_a_clean_error(tmp_path, capsys):
 def test_extract_grid_and_import_regions(tiny_world, tmp_path, capsys):
     import numpy as np
 
-    from cliptransfer.features.regions import write_tsv
-    from cliptransfer.features.store import FeatureStore
+    from cliptransfer.visual.regions import write_tsv
+    from cliptransfer.visual.store import FeatureStore
 
     store = tmp_path / "grids"
     args = ["extract", "grid", "--backbone", "ViT-tiny", "--images"]

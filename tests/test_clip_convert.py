@@ -12,9 +12,9 @@ import transformers
 from open_clip.model import CLIP as OpenCLIP
 from safetensors.torch import save_file
 
-from cliptransfer.models import CheckpointError, UnknownArchError, create_clip, load_clip
-from cliptransfer.models.archs import get_arch
-from cliptransfer.models.convert import (
+from cliptransfer.clip import CheckpointError, UnknownArchError, create_clip, load_clip
+from cliptransfer.clip.archs import get_arch
+from cliptransfer.clip.convert import (
     hf_config_dict,
     infer_openai_config,
     openai_to_project,

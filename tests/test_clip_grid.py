@@ -7,8 +7,8 @@ import torch
 import transformers
 from open_clip.model import CLIP as OpenCLIP
 
-from cliptransfer.models import create_clip, load_clip
-from cliptransfer.models.grid import resample_pos_embed, vit_tokens
+from cliptransfer.clip import create_clip, load_clip
+from cliptransfer.clip.grid import resample_pos_embed, vit_tokens
 
 torch.set_num_threads(1)
 

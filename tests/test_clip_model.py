@@ -11,7 +11,7 @@ import torch
 from timm.layers import GELU as TimmGELU
 from timm.layers import QuickGELU as TimmQuickGELU
 
-from cliptransfer.models import (
+from cliptransfer.clip import (
     CLIP,
     CLIPConfig,
     CLIPOutput,
@@ -20,7 +20,7 @@ from cliptransfer.models import (
     list_archs,
     load_clip,
 )
-from cliptransfer.models.text import QuickGELU
+from cliptransfer.clip.text import QuickGELU
 
 torch.set_num_threads(1)  # the CI box has 2 shared cores; one thread avoids oversubscription
 

@@ -191,7 +191,7 @@ def _region_store(world: Path, path: Path) -> None:
     bottomup store: the run opens it instead of training the detector analogue (~90 s)."""
     import torch
 
-    from cliptransfer.features.store import FeatureStore
+    from cliptransfer.visual.store import FeatureStore
 
     gen = torch.Generator().manual_seed(0)
     ids = [int(p.stem.rsplit("_", 1)[1]) for p in (world / "images").glob("*2014/*.jpg")]

@@ -7,9 +7,9 @@ import json
 import torch
 from accelerate import Accelerator
 
-from cliptransfer.clip_eval import ClassifySet, evaluate_clip
+from cliptransfer.clip import create_clip
+from cliptransfer.clip.evaluation import ClassifySet, evaluate_clip
 from cliptransfer.defaults import DEFAULT_CLIP, resolve_clip, resolve_tokenizer
-from cliptransfer.models import create_clip
 
 
 def test_default_clip_beats_its_random_init_zero_shot(tiny_world):

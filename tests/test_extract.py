@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cliptransfer.data.augment import OPENAI_MEAN, OPENAI_STD
-from cliptransfer.features.extract import (
+from cliptransfer.clip import create_clip, load_clip
+from cliptransfer.contrastive.augment import OPENAI_MEAN, OPENAI_STD
+from cliptransfer.visual.extract import (
     ImageReadError,
     extract_grids,
     list_images,
@@ -19,8 +20,7 @@ from cliptransfer.features.extract import (
     preprocess,
     rank_shard,
 )
-from cliptransfer.features.store import FeatureStore, StoreMismatchError
-from cliptransfer.models import create_clip, load_clip
+from cliptransfer.visual.store import FeatureStore, StoreMismatchError
 
 SIZE = (64, 96)  # (H, W) -> RN-tiny grid 2 x 3
 NAMES = [

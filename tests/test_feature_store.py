@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cliptransfer.features.store import (
+from cliptransfer.visual.store import (
     FeatureStore,
     MissingFeatureError,
     StoreError,

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from cliptransfer.models import create_clip, grid
-from cliptransfer.models.inference import fold_batchnorm_, inference_tower
+from cliptransfer.clip import create_clip, grid
+from cliptransfer.clip.inference import fold_batchnorm_, inference_tower
 
 
 def _randomised(arch: str) -> nn.Module:

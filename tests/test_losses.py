@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cliptransfer.losses import (
+from cliptransfer.contrastive.losses import (
     DEFILIP_WEIGHTS,
     DeCLIPWeights,
     FeatureQueue,

@@ -16,8 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from cliptransfer.distributed import world_info
-from cliptransfer.losses import (
+from cliptransfer.contrastive.losses import (
     FeatureQueue,
     clip_loss,
     declip_loss,
@@ -26,6 +25,7 @@ from cliptransfer.losses import (
     siglip_loss,
     simclr_loss,
 )
+from cliptransfer.engine.distributed import world_info
 
 B, D_IN, D, N_TOK, K_TOK, VOCAB = 8, 6, 4, 3, 5, 7
 WORLD = 2

@@ -10,10 +10,10 @@ from conftest import load_script
 from PIL import Image
 from safetensors.torch import load_file
 
-from cliptransfer.data.contrastive import PairDataConfig, PairDataset
-from cliptransfer.data.pairs import PairRecord, load_pairs
+from cliptransfer.clip import load_clip
+from cliptransfer.contrastive.data import PairDataConfig, PairDataset
+from cliptransfer.contrastive.pairs import PairRecord, load_pairs
 from cliptransfer.defaults import resolve_tokenizer
-from cliptransfer.models import load_clip
 
 contrastive = load_script("pretrain/contrastive.py")
 
@@ -145,7 +145,7 @@ def test_datasets_folder_source(tmp_path):
     ds.save_to_disk(str(tmp_path / "ds"))
     records = load_pairs(tmp_path / "ds")
     assert [r.caption for r in records] == ["red", "blue"]
-    from cliptransfer.data.pairs import open_image
+    from cliptransfer.contrastive.pairs import open_image
 
     assert open_image(records[1].image).getpixel((0, 0)) == (0, 0, 255)
 

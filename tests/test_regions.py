@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from cliptransfer.features.regions import (
+from cliptransfer.visual.regions import (
     RegionFormatError,
     UnsafePickleError,
     detect_format,
@@ -21,7 +21,7 @@ from cliptransfer.features.regions import (
     read_index,
     write_tsv,
 )
-from cliptransfer.features.store import FeatureStore
+from cliptransfer.visual.store import FeatureStore
 
 # (image id, width, height, boxes): widths differ from heights so a swapped order shows.
 IMAGES = [("9", 640, 480, 10), ("25", 500, 375, 36), ("30", 427, 640, 5)]

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cliptransfer.metrics.retrieval import retrieval_recall
-from cliptransfer.metrics.zeroshot import class_embeddings, zeroshot_accuracy
+from cliptransfer.clip.retrieval import retrieval_recall
+from cliptransfer.clip.zeroshot import class_embeddings, zeroshot_accuracy
 
 
 def test_retrieval_recall_hand_example():

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cliptransfer.data.shapes import SIZES, default_world_dir, prepare_shapes
-from cliptransfer.data.shapes.annotators import snli_labels, vqa_answers
-from cliptransfer.data.shapes.formats import write_openclip_csv, write_shards
-from cliptransfer.data.shapes.hypotheses import make_hypotheses
-from cliptransfer.data.shapes.questions import QUESTION_TYPES, make_questions, question_type
-from cliptransfer.data.shapes.render import View, render
-from cliptransfer.data.shapes.scene import Obj, Scene
+from cliptransfer.worlds.shapes import SIZES, default_world_dir, prepare_shapes
+from cliptransfer.worlds.shapes.annotators import snli_labels, vqa_answers
+from cliptransfer.worlds.shapes.formats import write_openclip_csv, write_shards
+from cliptransfer.worlds.shapes.hypotheses import make_hypotheses
+from cliptransfer.worlds.shapes.questions import QUESTION_TYPES, make_questions, question_type
+from cliptransfer.worlds.shapes.render import View, render
+from cliptransfer.worlds.shapes.scene import Obj, Scene
 
 # The world's vocabulary, written out independently of the generator.
 COLORS = {"red", "orange", "yellow", "green", "blue", "purple", "gray", "white"}

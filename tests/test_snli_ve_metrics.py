@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cliptransfer.metrics.snli_ve import (
+from cliptransfer.tasks.snli_ve.metric import (
     evaluate_snli_ve_files,
     read_snli_ve_jsonl,
     snli_ve_accuracy,

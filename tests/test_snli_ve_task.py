@@ -10,14 +10,14 @@ import pytest
 import torch
 from conftest import load_script
 
-from cliptransfer.data.snli_ve import (
+from cliptransfer.tasks.snli_ve.data import (
     SNLIVEDataError,
     VEExample,
     flickr_image_path,
     label_prior,
     load_snli_ve,
 )
-from cliptransfer.metrics.snli_ve import evaluate_snli_ve_files
+from cliptransfer.tasks.snli_ve.metric import evaluate_snli_ve_files
 
 ve = load_script("tasks/snli_ve.py")
 

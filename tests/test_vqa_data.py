@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cliptransfer.data.vqa import (
+from cliptransfer.heads.question import QuestionConfig, build_question_tokenizer
+from cliptransfer.tasks.vqa.answers import load_answer_vocab, make_ans2label
+from cliptransfer.tasks.vqa.data import (
     VQADataError,
     VQADataset,
     answer_prior,
@@ -19,11 +21,9 @@ from cliptransfer.data.vqa import (
     prior_results,
     with_coco_images,
 )
-from cliptransfer.data.vqa_answers import load_answer_vocab, make_ans2label
-from cliptransfer.features.store import FeatureStore
-from cliptransfer.metrics.vqa import evaluate_vqa
-from cliptransfer.models.question import QuestionConfig, build_question_tokenizer
-from cliptransfer.models.visual_inputs import StoreInputs
+from cliptransfer.tasks.vqa.metric import evaluate_vqa
+from cliptransfer.visual.inputs import StoreInputs
+from cliptransfer.visual.store import FeatureStore
 
 QUESTIONS = [
     {"image_id": 7, "question": "how many red stars are there?", "question_id": 7000},

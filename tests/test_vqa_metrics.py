@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cliptransfer.data.vqa_answers import (
+from cliptransfer.tasks.vqa.answers import (
     answer_targets,
     build_answer_vocab,
     dense_answer_target,
@@ -20,7 +20,7 @@ from cliptransfer.data.vqa_answers import (
     soft_score,
     vocab_coverage,
 )
-from cliptransfer.metrics.vqa import (
+from cliptransfer.tasks.vqa.metric import (
     CONTRACTIONS,
     evaluate_vqa,
     evaluate_vqa_files,

@@ -7,18 +7,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from cliptransfer.models import create_clip
-from cliptransfer.models.mcan import MCAN, MCANConfig
-from cliptransfer.models.question import (
+from cliptransfer.clip import create_clip
+from cliptransfer.clip.tuning import TuningConfig
+from cliptransfer.heads.mcan import MCAN, MCANConfig
+from cliptransfer.heads.model import GridBackbone, VLModel
+from cliptransfer.heads.question import (
     QuestionConfig,
     RNNQuestionEncoder,
     build_question_encoder,
     build_question_tokenizer,
 )
-from cliptransfer.models.topdown import TopDown, TopDownConfig, masked_softmax
-from cliptransfer.models.visual_inputs import grid_boxes, grid_inputs, pad_visual
-from cliptransfer.models.vl import GridBackbone, VLModel
-from cliptransfer.tuning import TuningConfig
+from cliptransfer.heads.topdown import TopDown, TopDownConfig, masked_softmax
+from cliptransfer.visual.inputs import grid_boxes, grid_inputs, pad_visual
 
 C, A, V = 12, 7, 30
 

@@ -14,12 +14,12 @@ import torch
 from conftest import load_script
 from safetensors.torch import load_file
 
-from cliptransfer.data.vqa import VQADataError, VQADataset, collate_vqa, load_vqa
-from cliptransfer.data.vqa_answers import make_ans2label
-from cliptransfer.features.extract import load_backbone
-from cliptransfer.features.store import FeatureStore
-from cliptransfer.metrics.vqa import evaluate_vqa_files
-from cliptransfer.models.visual_inputs import StoreInputs
+from cliptransfer.tasks.vqa.answers import make_ans2label
+from cliptransfer.tasks.vqa.data import VQADataError, VQADataset, collate_vqa, load_vqa
+from cliptransfer.tasks.vqa.metric import evaluate_vqa_files
+from cliptransfer.visual.extract import load_backbone
+from cliptransfer.visual.inputs import StoreInputs
+from cliptransfer.visual.store import FeatureStore
 
 vqa = load_script("tasks/vqa.py")
 
@@ -85,7 +85,7 @@ def test_features_mode_trains_scores_and_reloads(tiny_world: Path, tmp_path: Pat
 
 def test_end2end_lora_mcan_saves_reloads_and_merges(tiny_world: Path, tmp_path: Path):
     from cliptransfer.adapters import AdapterConfig, load_adapter
-    from cliptransfer.models.vl import GridBackbone, VLModel, build_head
+    from cliptransfer.heads.model import GridBackbone, VLModel, build_head
 
     out = tmp_path / "run"
     extra = ["mode=end2end", "peft.method=lora", "peft.r=2", "model.arch=mcan",

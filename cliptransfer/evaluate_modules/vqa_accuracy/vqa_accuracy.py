@@ -1,4 +1,4 @@
-"""Hugging Face ``evaluate`` wrapper of the official VQA accuracy (cliptransfer.metrics.vqa).
+"""Hugging Face ``evaluate`` wrapper of the official VQA accuracy (cliptransfer.tasks.vqa.metric).
 
 Load it from its folder, offline:
     evaluate.load("<path>/cliptransfer/evaluate_modules/vqa_accuracy")            # current scorer
@@ -10,7 +10,7 @@ from __future__ import annotations
 import datasets
 import evaluate
 
-from cliptransfer.metrics.vqa import vqa_accuracy
+from cliptransfer.tasks.vqa.metric import vqa_accuracy
 
 _DESCRIPTION = (
     "VQA accuracy as the official GT-Vision-Lab/VQA scorer: per question, the average over the "

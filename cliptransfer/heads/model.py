@@ -1,0 +1,92 @@
+"""A task model over image features or pixels: the head (top-down or MCAN) and, end to end, the
+CLIP image tower as a grid encoder.
+
+One interface for both modes: `head(features (B, N, C), mask (B, N), text_ids (B, L),
+text_mask (B, L), spatial (B, N, 4)) -> logits (B, K)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from cliptransfer.clip import grid as grid_ops
+from cliptransfer.clip.tuning import TuningConfig, apply_tuning
+from cliptransfer.heads.mcan import MCAN, MCANConfig
+from cliptransfer.heads.question import QuestionConfig, build_question_encoder
+from cliptransfer.heads.topdown import TopDown, TopDownConfig
+from cliptransfer.visual.inputs import grid_inputs
+
+__all__ = ["GridBackbone", "HeadConfig", "VLModel", "build_head", "shapes_head"]
+
+
+@dataclass
+class HeadConfig:
+    arch: Literal["topdown", "mcan"] = "topdown"
+    spatial: bool = True  # feed the normalised box of each cell/region
+    topdown: TopDownConfig = dataclasses.field(default_factory=TopDownConfig)
+    mcan: MCANConfig = dataclasses.field(default_factory=MCANConfig)
+
+
+def shapes_head() -> HeadConfig:
+    """The task scripts' default head: a small MCAN (hidden 64), sized for the Shapes world on two
+    CPU cores (tuned on `small`: 6 VQA epochs in a few minutes). Real data: see configs/tasks/."""
+    return HeadConfig(arch="mcan", mcan=MCANConfig(hidden=64, ffn=128, flat_mlp=64, flat_out=128))
+
+
+def build_head(
+    cfg: HeadConfig, text: QuestionConfig, visual_dim: int, num_outputs: int, vocab_size: int
+) -> nn.Module:
+    """The top-down or MCAN head with its text encoder; logits (B, num_outputs)."""
+    question = build_question_encoder(text, vocab_size)
+    spatial = 4 if cfg.spatial else 0
+    if cfg.arch == "topdown":
+        return TopDown(question, visual_dim, num_outputs, cfg.topdown, spatial)
+    if cfg.arch == "mcan":
+        return MCAN(question, visual_dim, num_outputs, cfg.mcan, spatial)
+    raise ValueError(f"model.arch must be 'topdown' or 'mcan', got {cfg.arch!r}")
+
+
+class GridBackbone(nn.Module):
+    """A CLIP image tower as an end-to-end grid encoder: pixels (B, 3, H, W) -> (B, H*W, C).
+
+    `tuning` decides what trains (see `cliptransfer.clip.tuning`): nothing locked = full fine-tuning,
+    `lock_image` = frozen (run without autograd), `peft="lora"` = LoRA adapters on the convs /
+    ViT blocks. Only the image tower is kept; the text tower is dropped.
+    """
+
+    def __init__(self, clip: nn.Module, tuning: TuningConfig | None = None) -> None:
+        super().__init__()
+        tuning = dataclasses.replace(tuning or TuningConfig(), lora_towers=("image",))
+        apply_tuning(clip, tuning)
+        self.visual = clip.visual
+        self.frozen = not any(p.requires_grad for p in self.visual.parameters())
+        self.channels = int(
+            grid_ops.encode_grid(self.visual.eval(), torch.zeros(1, 3, 64, 64))[0].shape[-1]
+        )
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            return grid_ops.encode_grid(self.visual, pixels)  # (B, H*W, C), (H, W)
+
+
+class VLModel(nn.Module):
+    """A task head over store features (`features`, `visual_mask`, `spatial` in the batch) or,
+    with a `backbone`, over the grid of `pixels`; text from `text_ids`/`text_mask`."""
+
+    def __init__(self, head: nn.Module, backbone: nn.Module | None = None) -> None:
+        super().__init__()
+        self.head, self.backbone = head, backbone
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if self.backbone is not None:
+            feats, hw = self.backbone(batch["pixels"])  # (B, H*W, C)
+            mask, spatial = grid_inputs(feats, hw)
+        else:
+            feats, mask, spatial = batch["features"], batch["visual_mask"], batch["spatial"]
+        return self.head(feats, mask, batch["text_ids"], batch["text_mask"], spatial)
