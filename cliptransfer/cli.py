@@ -10,7 +10,8 @@
     cliptransfer compare --task vqa --features clip-grid,bottomup --backbones default,RN50 --out DIR
     cliptransfer info CHECKPOINT
 
-Each subcommand imports its module only when it runs, so `cliptransfer --help` stays fast.
+Each subcommand imports its module only when it runs; `evaluate` and `compare` list the tasks of
+the registry (`cliptransfer.engine.task.registered`).
 """
 
 from __future__ import annotations
@@ -77,18 +78,8 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_vqa(args: argparse.Namespace) -> int:
-    from cliptransfer.tasks.vqa.metric import evaluate_vqa_files
-
-    result = evaluate_vqa_files(args.questions, args.annotations, args.results, legacy=args.legacy)
-    print(json.dumps(result))
-    return 0
-
-
-def _evaluate_snli_ve(args: argparse.Namespace) -> int:
-    from cliptransfer.tasks.snli_ve.metric import evaluate_snli_ve_files
-
-    print(json.dumps(evaluate_snli_ve_files(args.data, args.results)))
+def _evaluate(args: argparse.Namespace) -> int:
+    print(json.dumps(args.command_spec.evaluate.run(args)))
     return 0
 
 
@@ -224,23 +215,23 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--index", help="HDF5 image-id index (.pkl read safely, or .json)")
     reg.set_defaults(func=_import_regions)
 
+    from cliptransfer.engine.task import registered  # imports the task packages (torch)
+
+    tasks = registered()
     ev = sub.add_parser("evaluate", help="official task metrics on a results file")
     ev_sub = ev.add_subparsers(dest="what", required=True)
-    vqa = ev_sub.add_parser("vqa", help="VQA accuracy exactly as the official GT-Vision-Lab scorer")
-    vqa.add_argument("--questions", help="v2_OpenEnded_mscoco_*_questions.json")
-    vqa.add_argument("--annotations", required=True, help="v2_mscoco_*_annotations.json")
-    vqa.add_argument("--results", required=True, help='EvalAI results [{"question_id", "answer"}]')
-    vqa.add_argument("--legacy", action="store_true", help="the pre-2021 scorer")
-    vqa.set_defaults(func=_evaluate_vqa)
-    ve = ev_sub.add_parser("snli-ve", help="SNLI-VE accuracy overall and per label")
-    ve.add_argument("--data", required=True, help="snli_ve_*.jsonl with gold_label and pairID")
-    ve.add_argument("--results", required=True, help='[{"pairID", "label"}]')
-    ve.set_defaults(func=_evaluate_snli_ve)
+    for name, spec in tasks.items():
+        if spec.evaluate is not None:
+            p = ev_sub.add_parser(name, help=spec.evaluate.help)
+            spec.evaluate.add_arguments(p)
+            p.set_defaults(func=_evaluate, command_spec=spec)
 
     cmp = sub.add_parser(
         "compare", help="train + score feature settings of a task with one head and budget"
     )
-    cmp.add_argument("--task", required=True, choices=["vqa", "snli-ve"])
+    cmp.add_argument(
+        "--task", required=True, choices=[n for n, s in tasks.items() if s.compare is not None]
+    )
     cmp.add_argument("--features", default="clip-grid,bottomup", help="clip-grid and/or bottomup")
     cmp.add_argument(
         "--backbones",

@@ -44,40 +44,36 @@ class CompareError(ValueError):
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """Where a task's script lives and which numbers of its `metrics.json` make the columns."""
+    """A task as compare sees it: its name and the columns its `metrics.json` gives."""
 
     name: str
-    script: str  # file name under tasks/
-    overall: str  # key of val/prior holding the overall accuracy (percent)
-    breakdown_key: str  # key of val/prior holding {group: accuracy or null}
-    breakdown: tuple[str, ...]
-    prior_label: str
+    launcher: str
+    cols: Any  # engine.task.CompareColumns
 
     @property
     def columns(self) -> tuple[str, ...]:
-        return (self.overall, *self.breakdown)
+        return self.cols.columns
+
+    @property
+    def overall(self) -> str:
+        return self.cols.overall
+
+    @property
+    def prior_label(self) -> str:
+        return self.cols.prior_label
 
     def scores(self, m: dict[str, Any]) -> dict[str, float | None]:
-        """{column: accuracy or None} of one `val` / `prior` entry."""
-        groups = m.get(self.breakdown_key) or {}
-        return {self.overall: m[self.overall], **{g: groups.get(g) for g in self.breakdown}}
+        return self.cols.scores(m)
 
 
-VQA_ANSWER_TYPES = ("yes/no", "number", "other")
-SNLI_VE_LABELS = ("entailment", "neutral", "contradiction")
-TASKS = {
-    "vqa": TaskSpec(
-        "vqa",
-        "vqa.py",
-        "overall",
-        "perAnswerType",
-        VQA_ANSWER_TYPES,
-        "answer prior (per question type)",
-    ),  # fmt: skip
-    "snli-ve": TaskSpec(
-        "snli-ve", "snli_ve.py", "accuracy", "per_label", SNLI_VE_LABELS, "majority-label prior"
-    ),
-}
+def _spec(task: str) -> TaskSpec:
+    """The registered task and its compare columns (`cliptransfer.engine.task.registered`)."""
+    from cliptransfer.engine.task import registered
+
+    tasks = {name: s for name, s in registered().items() if s.compare is not None}
+    if task not in tasks:
+        raise CompareError(f"unknown task {task!r}: choose from {', '.join(tasks)}")
+    return TaskSpec(task, tasks[task].launcher, tasks[task].compare)
 
 
 @dataclass(frozen=True)
@@ -141,10 +137,10 @@ def expand_settings(features: Sequence[str], backbones: Sequence[str] = ()) -> l
 
 
 def task_script(task: str, script: str | Path | None = None) -> Path:
-    """The task's script: `script`, or `<repo>/tasks/<name>` next to the package (an editable
-    install or a checkout; a wheel install has no tasks/ and must pass `--script`)."""
-    if task not in TASKS:
-        raise CompareError(f"unknown task {task!r}: choose from {', '.join(TASKS)}")
+    """The task's launcher: `script`, or the registered one (`tasks/<name>.py`) next to the
+    package (an editable install or a checkout; a wheel install has no tasks/ and must pass
+    `--script`)."""
+    spec = _spec(task)
     if script is not None:
         path = Path(script)
         if not path.is_file():
@@ -152,7 +148,7 @@ def task_script(task: str, script: str | Path | None = None) -> Path:
         return path
     import cliptransfer
 
-    path = Path(cliptransfer.__file__).resolve().parents[1] / "tasks" / TASKS[task].script
+    path = Path(cliptransfer.__file__).resolve().parents[1] / spec.launcher
     if not path.is_file():
         raise FileNotFoundError(
             f"task script {path} not found (the tasks/ folder exists in a source checkout, not "
@@ -368,7 +364,7 @@ def run_compare(
     names it, its exit code and its log (OUT/<setting>/compare.log).
     """
     path = task_script(task, script)
-    spec = TASKS[task]
+    spec = _spec(task)
     _check_overrides(overrides)
     settings = expand_settings(features, backbones)
     if "clip-grid" not in features and list(backbones) not in ([], ["default"]):

@@ -22,18 +22,16 @@ def resolve_tokenizer(name: str | Path, context_length: int | None = None):
 
 
 def shapes_text_corpus(world: str | Path) -> list[str]:
-    """Every sentence a Shapes task feeds the text tower: captions, VQA questions and answers,
-    SNLI-VE hypotheses (train splits only)."""
-    import json
+    """Every sentence a Shapes task feeds a text encoder (train splits only): the captions, then
+    what each registered task declares (`text_corpus`: VQA questions and answers, SNLI-VE
+    hypotheses, ...)."""
+    from cliptransfer.engine.task import registered
 
     world = Path(world)
     lines = (world / "captions.txt").read_text().splitlines()
-    questions = json.loads((world / "vqa/v2_OpenEnded_mscoco_train2014_questions.json").read_text())
-    lines += [q["question"] for q in questions["questions"]]
-    annotations = json.loads((world / "vqa/v2_mscoco_train2014_annotations.json").read_text())
-    lines += sorted({a["answer"] for q in annotations["annotations"] for a in q["answers"]})
-    with (world / "snli_ve/snli_ve_train.jsonl").open() as f:
-        lines += [json.loads(line)["sentence2"] for line in f if line.strip()]
+    for spec in registered().values():
+        if spec.text_corpus is not None:
+            lines += spec.text_corpus(world)
     return lines
 
 

@@ -51,3 +51,29 @@ def atomic_save_dir(write: Callable[[Path], object], final: str | Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _finite(obj):
+    """`obj` with NaN/inf floats replaced by None (strict JSON has no NaN)."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def write_json(path: str | Path, obj, indent: int | None = 2) -> None:
+    """Strict JSON, written atomically: non-finite floats become null."""
+    import json
+
+    atomic_write_text(path, json.dumps(_finite(obj), indent=indent, allow_nan=False) + "\n")
+
+
+def read_json(path: str | Path):
+    import json
+
+    return json.loads(Path(path).read_text())

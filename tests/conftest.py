@@ -33,19 +33,3 @@ def tiny_world(tmp_path_factory) -> Path:
     from cliptransfer.worlds.shapes import prepare_shapes
 
     return prepare_shapes(tmp_path_factory.mktemp("shapes") / "world", size="tiny", seed=0)
-
-
-def load_script(name: str):
-    """Import a script from pretrain/ or tasks/ (folders of scripts, not packages) as a module."""
-    import importlib.util
-    import sys
-
-    path = REPO / name
-    module_name = f"{path.parent.name}_{path.stem}_script"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # dataclasses look their module up while being created
-    spec.loader.exec_module(module)
-    return module

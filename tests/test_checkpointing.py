@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from cliptransfer.engine.checkpointing import (
+    CheckpointError,
     TrainerState,
     atomic_save_dir,
     find_checkpoint,
@@ -93,13 +94,66 @@ def test_config_mismatch_names_keys(tmp_path):
         load_checkpoint(find_checkpoint(tmp_path), model, opt, sched, config=other)
 
 
-def test_missing_checkpoint_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint to resume"):
-        find_checkpoint(tmp_path)
+def test_missing_checkpoint_is_a_fresh_start_and_a_dangling_pointer_an_error(tmp_path):
+    assert find_checkpoint(tmp_path) is None  # killed before its first checkpoint: start over
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "latest").write_text("step-0000009\n")
-    with pytest.raises(FileNotFoundError, match="incomplete or missing"):
+    with pytest.raises(CheckpointError, match="latest names step-0000009, which is incomplete"):
         find_checkpoint(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        find_checkpoint(tmp_path, str(tmp_path / "nowhere"))
+
+
+def _two_checkpoints(tmp_path):
+    model = Net()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    sched = warmup_cosine(opt, 1, 10)
+    for step in (1, 2):
+        save_checkpoint(tmp_path, TrainerState(step=step), model.state_dict(), opt, sched)
+    return model, opt, sched, tmp_path / "checkpoints"
+
+
+@pytest.mark.parametrize(
+    "damage, what",
+    [
+        ("model.safetensors", "model weights"),
+        ("optimizer.pt", "optimizer state"),
+        ("rng-rank0.pt", "RNG state"),
+        ("scheduler.json", "schedule"),
+    ],
+)
+def test_damaged_checkpoint_names_the_file_and_the_earlier_one(tmp_path, damage, what):
+    model, opt, sched, root = _two_checkpoints(tmp_path)
+    target = root / "step-0000002" / damage
+    target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2])  # truncated
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(find_checkpoint(tmp_path), model, opt, sched)
+    msg = str(err.value)
+    assert str(target) in msg and f"the checkpoint's {what} cannot be read" in msg
+    assert f"--resume {root / 'step-0000001'}" in msg and "weights_only=False" not in msg
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model, opt, sched, root = _two_checkpoints(tmp_path)
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("cliptransfer.engine.checkpointing.save_file", no_space)
+    with pytest.raises(CheckpointError) as err:
+        save_checkpoint(tmp_path, TrainerState(step=3), model.state_dict(), opt, sched)
+    assert "No space left on device" in str(err.value)
+    assert f"previous checkpoint {root / 'step-0000002'} is intact" in str(err.value)
+    assert find_checkpoint(tmp_path) == root / "step-0000002"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000001", "step-0000002"]
+
+
+def test_resume_ignores_where_and_how_fast_a_run_goes(tmp_path):
+    model, opt, sched, _ = _two_checkpoints(tmp_path)
+    cfg = {"train": {"num_threads": 1, "out_dir": "a", "save_every_steps": 5}, "optim": {"lr": 1}}
+    save_checkpoint(tmp_path, TrainerState(step=3, config=cfg), model.state_dict(), opt, sched)
+    now = {"train": {"num_threads": 2, "out_dir": "b", "save_every_steps": 7}, "optim": {"lr": 1}}
+    assert load_checkpoint(find_checkpoint(tmp_path), model, opt, sched, config=now).step == 3
 
 
 def test_atomic_save_dir_leaves_nothing_on_failure(tmp_path):

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from conftest import load_script
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -14,8 +13,8 @@ from cliptransfer.clip import load_clip
 from cliptransfer.contrastive.data import PairDataConfig, PairDataset
 from cliptransfer.contrastive.pairs import PairRecord, load_pairs
 from cliptransfer.defaults import resolve_tokenizer
-
-contrastive = load_script("pretrain/contrastive.py")
+from cliptransfer.engine import run_task
+from cliptransfer.tasks.contrastive.task import ContrastiveTask, check_bad_fraction
 
 
 def _run(world, out, *extra):
@@ -29,7 +28,7 @@ def _run(world, out, *extra):
     ]  # fmt: skip
     for e in extra:
         args += ["--set", e]
-    return contrastive.main(args)
+    return run_task(ContrastiveTask, args)
 
 
 @pytest.mark.parametrize("method", ["clip", "slip", "declip", "filip", "defilip", "siglip"])
@@ -117,8 +116,8 @@ def test_bad_records_are_replaced_and_counted(tmp_path):
     ]
     assert item["skipped"][0].startswith(f"{pairs}:2")
     with pytest.raises(RuntimeError, match=r"60 of 100 records were unreadable .* first ones: x"):
-        contrastive._check_bad_fraction(60, 100, 0.5, ["x"])
-    contrastive._check_bad_fraction(50, 100, 0.5, ["x"])
+        check_bad_fraction(60, 100, 0.5, ["x"])
+    check_bad_fraction(50, 100, 0.5, ["x"])
 
 
 def test_pairs_formats_agree(tiny_world):

@@ -10,7 +10,7 @@ import torch
 from cliptransfer.clip import create_clip
 from cliptransfer.clip.tuning import TuningConfig
 from cliptransfer.heads.mcan import MCAN, MCANConfig
-from cliptransfer.heads.model import GridBackbone, VLModel
+from cliptransfer.heads.model import VLModel
 from cliptransfer.heads.question import (
     QuestionConfig,
     RNNQuestionEncoder,
@@ -18,6 +18,7 @@ from cliptransfer.heads.question import (
     build_question_tokenizer,
 )
 from cliptransfer.heads.topdown import TopDown, TopDownConfig, masked_softmax
+from cliptransfer.visual.backbone import GridBackbone
 from cliptransfer.visual.inputs import grid_boxes, grid_inputs, pad_visual
 
 C, A, V = 12, 7, 30

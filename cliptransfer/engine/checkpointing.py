@@ -16,6 +16,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,25 @@ from safetensors.torch import load_file, save_file
 from cliptransfer.fileio import atomic_save_dir, atomic_write_text
 
 __all__ = [
+    "CheckpointError",
     "TrainerState",
     "atomic_save_dir",
     "find_checkpoint",
     "load_checkpoint",
     "save_checkpoint",
 ]
+
+
+# Settings that may change between a run and its resumption: where and how often it writes, how
+# many CPU threads it uses. Everything else must match the checkpoint's config.
+IGNORED_ON_RESUME = (
+    "resume", "max_steps", "out_dir", "log_every", "save_every_steps", "save_every_minutes",
+    "keep_last", "num_threads", "num_workers", "eval_batch_size",
+)  # fmt: skip
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read back; the message names the file."""
 
 
 @dataclass
@@ -92,8 +106,8 @@ def save_checkpoint(
     run_dir: str | Path,
     state: TrainerState,
     model_state: dict[str, torch.Tensor] | None,
-    optimizer: torch.optim.Optimizer | None,
-    scheduler: Any | None,
+    optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None,
+    schedulers: Any | Sequence[Any] | None,
     *,
     rank: int = 0,
     world_size: int = 1,
@@ -105,6 +119,9 @@ def save_checkpoint(
     `model_state` is the unwrapped model's state dict (buffers included: e.g. DeCLIP's queue);
     only rank 0's model/optimizer/scheduler are written since data parallelism keeps them equal.
     `barrier` is a callable (e.g. `accelerator.wait_for_everyone`) for multi-process runs.
+    Optimizer i is written to optimizer.pt (i = 0) or optimizer-i.pt, its schedule likewise.
+    A failed write (a full disk) is a `CheckpointError` that says the previous checkpoint, which
+    `latest` still names, is intact.
     """
     root = _checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -115,17 +132,32 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     sync()
-    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
-    if rank == 0:
-        if model_state is not None:
-            tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
-            save_file(_untie(tensors), str(tmp / "model.safetensors"))
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        if scheduler is not None:
-            (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
-        meta = dict(state.__dict__, world_size=world_size)
-        (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    try:
+        torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+        if rank == 0:
+            if model_state is not None:
+                tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
+                save_file(_untie(tensors), str(tmp / "model.safetensors"))
+            for i, opt in enumerate(_as_list(optimizers)):
+                torch.save(opt.state_dict(), tmp / _numbered("optimizer", i, ".pt"))
+            for i, sched in enumerate(_as_list(schedulers)):
+                (tmp / _numbered("scheduler", i, ".json")).write_text(
+                    json.dumps(sched.state_dict())
+                )
+            meta = dict(state.__dict__, world_size=world_size)
+            (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        pointer = root / "latest"
+        kept = pointer.read_text().strip() if pointer.is_file() else None
+        raise CheckpointError(
+            f"writing checkpoint {final} failed: {e}. "
+            + (
+                f"The previous checkpoint {root / kept} is intact (`--resume latest` uses it)."
+                if kept
+                else "No earlier checkpoint exists."
+            )  # fmt: skip
+        ) from e
     sync()
     if rank == 0:
         if final.exists():
@@ -149,8 +181,10 @@ def _untie(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def find_checkpoint(run_dir: str | Path, which: str = "latest") -> Path:
-    """Resolve `--resume latest` (or a checkpoint folder path) to a complete checkpoint folder."""
+def find_checkpoint(run_dir: str | Path, which: str = "latest") -> Path | None:
+    """Resolve `--resume latest` (or a checkpoint folder path) to a complete checkpoint folder.
+    `latest` in a run folder that has no checkpoint yet is None (a fresh start: a run killed
+    before its first checkpoint resumes from the beginning)."""
     if which != "latest":
         path = Path(which)
         if not (path / "trainer_state.json").is_file():
@@ -159,31 +193,49 @@ def find_checkpoint(run_dir: str | Path, which: str = "latest") -> Path:
     root = _checkpoint_root(run_dir)
     pointer = root / "latest"
     if not pointer.is_file():
-        raise FileNotFoundError(f"no checkpoint to resume in {root} (missing {pointer.name})")
+        return None
     path = root / pointer.read_text().strip()
     if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which is incomplete or missing")
+        raise CheckpointError(f"{pointer} names {path.name}, which is incomplete or missing")
     return path
+
+
+def _earlier(path: Path) -> str:
+    others = sorted(p.name for p in path.parent.glob("step-*") if p.is_dir() and p != path)
+    if not others:
+        return "no earlier checkpoint is kept: start again without --resume"
+    return f"resume from an earlier one instead: --resume {path.parent / others[-1]}"
+
+
+def _read(path: Path, what: str, read: Callable[[Path], Any]) -> Any:
+    """`read(path)`, with any failure named: the file, what it holds, what to do."""
+    try:
+        return read(path)
+    except Exception as e:  # safetensors, torch and json raise their own types
+        raise CheckpointError(
+            f"{path}: the checkpoint's {what} cannot be read ({type(e).__name__}: {e}); the "
+            f"checkpoint is damaged — {_earlier(path.parent)}"
+        ) from e
 
 
 def load_checkpoint(
     path: str | Path,
     model: torch.nn.Module | None,
-    optimizer: torch.optim.Optimizer | None,
-    scheduler: Any | None,
+    optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None,
+    schedulers: Any | Sequence[Any] | None,
     *,
     rank: int = 0,
     config: dict[str, Any] | None = None,
-    ignore_keys: tuple[str, ...] = ("resume", "max_steps", "out_dir", "log_every", "save_every"),
+    ignore_keys: tuple[str, ...] = IGNORED_ON_RESUME,
 ) -> TrainerState:
-    """Restore model/optimizer/scheduler/RNG from `path` and return the trainer state.
+    """Restore model/optimizers/schedulers/RNG from `path` and return the trainer state.
 
     With `config`, the run's resolved config must match the saved one (keys in `ignore_keys`
     excepted, e.g. the resume flag itself): resuming another run's checkpoint is an error that
-    names the differing keys.
+    names the differing keys. A damaged file is a `CheckpointError` naming it.
     """
     path = Path(path)
-    meta = json.loads((path / "trainer_state.json").read_text())
+    meta = _read(path / "trainer_state.json", "trainer state", lambda p: json.loads(p.read_text()))
     world = meta.pop("world_size", 1)
     state = TrainerState(**meta)
     if config is not None:
@@ -192,24 +244,43 @@ def load_checkpoint(
             shown = "; ".join(f"{k}: saved {a!r} vs now {b!r}" for k, a, b in diff[:8])
             raise ValueError(f"{path} was written by a run with another config ({shown})")
     if model is not None:
-        tensors = load_file(str(path / "model.safetensors"))
+        tensors = _read(path / "model.safetensors", "model weights", lambda p: load_file(str(p)))
         missing, unexpected = model.load_state_dict(tensors, strict=False)
         if missing or unexpected:
             raise ValueError(
                 f"{path / 'model.safetensors'} does not fit the model: "
                 f"missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    if scheduler is not None:
-        scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
+    for i, opt in enumerate(_as_list(optimizers)):
+        f = path / _numbered("optimizer", i, ".pt")
+        opt.load_state_dict(_read(f, "optimizer state", lambda p: torch.load(p, weights_only=True)))
+    for i, sched in enumerate(_as_list(schedulers)):
+        f = path / _numbered("scheduler", i, ".json")
+        sched.load_state_dict(_read(f, "schedule", lambda p: json.loads(p.read_text())))
     rng_file = path / f"rng-rank{rank}.pt"
     if not rng_file.is_file():
         raise FileNotFoundError(
             f"{rng_file} missing: checkpoint was saved with {world} process(es)"
         )
-    set_rng_state(torch.load(rng_file, weights_only=True))
+    rng = _read(rng_file, "RNG state", lambda p: torch.load(p, weights_only=True))
+    try:
+        set_rng_state(rng)
+    except Exception as e:
+        raise CheckpointError(
+            f"{rng_file}: the RNG state is malformed ({e}); the checkpoint is damaged — "
+            f"{_earlier(path)}"
+        ) from e
     return state
+
+
+def _as_list(x: Any) -> list[Any]:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, list | tuple) else [x]
+
+
+def _numbered(stem: str, i: int, suffix: str) -> str:
+    return f"{stem}{suffix}" if i == 0 else f"{stem}-{i}{suffix}"
 
 
 def _config_diff(

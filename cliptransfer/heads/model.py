@@ -15,14 +15,12 @@ from typing import Literal
 import torch
 from torch import nn
 
-from cliptransfer.clip import grid as grid_ops
-from cliptransfer.clip.tuning import TuningConfig, apply_tuning
 from cliptransfer.heads.mcan import MCAN, MCANConfig
 from cliptransfer.heads.question import QuestionConfig, build_question_encoder
 from cliptransfer.heads.topdown import TopDown, TopDownConfig
 from cliptransfer.visual.inputs import grid_inputs
 
-__all__ = ["GridBackbone", "HeadConfig", "VLModel", "build_head", "shapes_head"]
+__all__ = ["HeadConfig", "VLModel", "build_head", "shapes_head"]
 
 
 @dataclass
@@ -50,29 +48,6 @@ def build_head(
     if cfg.arch == "mcan":
         return MCAN(question, visual_dim, num_outputs, cfg.mcan, spatial)
     raise ValueError(f"model.arch must be 'topdown' or 'mcan', got {cfg.arch!r}")
-
-
-class GridBackbone(nn.Module):
-    """A CLIP image tower as an end-to-end grid encoder: pixels (B, 3, H, W) -> (B, H*W, C).
-
-    `tuning` decides what trains (see `cliptransfer.clip.tuning`): nothing locked = full fine-tuning,
-    `lock_image` = frozen (run without autograd), `peft="lora"` = LoRA adapters on the convs /
-    ViT blocks. Only the image tower is kept; the text tower is dropped.
-    """
-
-    def __init__(self, clip: nn.Module, tuning: TuningConfig | None = None) -> None:
-        super().__init__()
-        tuning = dataclasses.replace(tuning or TuningConfig(), lora_towers=("image",))
-        apply_tuning(clip, tuning)
-        self.visual = clip.visual
-        self.frozen = not any(p.requires_grad for p in self.visual.parameters())
-        self.channels = int(
-            grid_ops.encode_grid(self.visual.eval(), torch.zeros(1, 3, 64, 64))[0].shape[-1]
-        )
-
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            return grid_ops.encode_grid(self.visual, pixels)  # (B, H*W, C), (H, W)
 
 
 class VLModel(nn.Module):

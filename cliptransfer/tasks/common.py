@@ -1,306 +1,254 @@
-"""Shared pieces of the transfer scripts (tasks/vqa.py, tasks/snli_ve.py): where image features
-come from, cross-process prediction, run reports. The model itself (build, PEFT, best-model
-folders) is in `cliptransfer.tasks.vl_model`, the loop in `cliptransfer.engine.finetune`.
+"""What the vision-and-language transfer tasks share (VQA, SNLI-VE; the V&L-pretrained heads next):
+the config base, the image side, the model with its PEFT adapters, the best-model folder,
+`--eval-only`, and the report. A task adds its data, loss, metric and report rows.
 
-Two modes share one model interface, `head(features (B, N, C), mask (B, N), text_ids (B, L),
-text_mask (B, L), spatial (B, N, 4))`:
-- features: a frozen backbone's grid (or BottomUp regions) read from a feature store, extracted
-  once into a cache keyed by the backbone's sha256 and the input size (resumable, rank-sharded);
-- end2end: pixels in, the CLIP image tower frozen / LoRA-tuned / fully fine-tuned in its own
-  learning-rate group (parameters named `backbone.*`).
+One model interface for both modes: `head(features (B, N, C), mask (B, N), text_ids (B, L),
+text_mask (B, L), spatial (B, N, 4)) -> logits (B, K)`, over a feature store (features mode) or
+the CLIP image tower's grid of the pixels (end2end).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
+import argparse
 import json
-import resource
-import sys
-from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
+import yaml
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
+from cliptransfer.adapters import AdapterConfig
 from cliptransfer.clip.tuning import TuningConfig
-from cliptransfer.fileio import atomic_write_text
-from cliptransfer.heads.model import GridBackbone
-from cliptransfer.visual.extract import extract_grids, load_backbone, parse_size
-from cliptransfer.visual.inputs import PixelInputs, StoreInputs
-from cliptransfer.visual.regions import import_regions
-from cliptransfer.visual.store import FeatureStore, check_metadata
+from cliptransfer.config import to_dict
+from cliptransfer.engine.config import RunConfig
+from cliptransfer.engine.evaluation import peak_memory, predict
+from cliptransfer.engine.loop import FitResult
+from cliptransfer.engine.run import save_run_config
+from cliptransfer.engine.task import Task
+from cliptransfer.heads.model import HeadConfig, shapes_head
+from cliptransfer.heads.question import QuestionConfig, build_question_tokenizer
+from cliptransfer.tasks.vl_model import (
+    check_tuning,
+    load_best_model,
+    lr_scales,
+    run_model,
+    save_best_dir,
+    task_model,
+)
+from cliptransfer.visual.side import FeatureConfig, ImageSide, image_side
+from cliptransfer.worlds.config import WorldConfig, prepare_world
 
-__all__ = [
-    "FeatureConfig",
-    "TaskTrainConfig",
-    "WorldConfig",
-    "prepare_world",
-    "ImageSide",
-    "image_side",
-    "markdown_table",
-    "peak_memory",
-    "predict",
-    "prepare_feature_store",
-    "write_json",
-]
-
-
-@dataclass
-class FeatureConfig:
-    kind: Literal["clip-grid", "bottomup"] = "clip-grid"
-    # An existing feature store (grid for clip-grid, regions for bottomup). Empty: clip-grid
-    # extracts the backbone's grid into the cache; bottomup imports `tsv`, or on the Shapes world
-    # builds BUTD-style region features (cliptransfer.worlds.shapes.bottomup) first.
-    store: str = ""
-    tsv: list[str] = dataclasses.field(default_factory=list)  # BUTD/LXMERT TSV or HDF5 file(s)
-    cache_dir: str = ""  # default: <world>/features on Shapes, <out_dir>/features otherwise
-    size: str = "180x240"  # HxW input of grid extraction and of end2end (CLIP-ViL: 600x1000)
-    batch_size: int = 32  # extraction batch per process
-    storage: Literal["float32", "float16"] = "float32"
-    boxes: Literal["adaptive", "fixed36"] = "adaptive"  # Shapes bottomup: 10-100 or 36 boxes
-    max_regions: int = 0  # keep the first N regions of each image; 0 keeps all
+__all__ = ["VLDataConfig", "VLTask", "VLTaskConfig", "markdown_table"]
 
 
 @dataclass
-class WorldConfig:
-    size: str = "small"
-    seed: int = 0
-    dir: str | None = None  # default: default_world_dir(size, seed)
-
-
-def prepare_world(cfg: WorldConfig) -> Path:
-    """The Shapes world of `cfg`, generated first if needed (call under main_process_first)."""
-    from cliptransfer.worlds.shapes import default_world_dir, prepare_shapes
-
-    world = Path(cfg.dir) if cfg.dir else default_world_dir(cfg.size, cfg.seed)
-    return prepare_shapes(world, size=cfg.size, seed=cfg.seed)
+class VLDataConfig:
+    images: str = ""  # the image folder (end2end / grid extraction)
+    skip_missing: bool = False  # skip (and count) examples whose image/features are missing
+    num_workers: int = 0
 
 
 @dataclass
-class TaskTrainConfig:
-    out_dir: str = "runs/task"
-    seed: int = 0
-    epochs: int = 10
-    max_steps: int | None = None  # stops early when set (tests, smoke runs)
-    batch_size: int = 128  # per process
-    eval_batch_size: int = 512
-    precision: Literal["no", "bf16", "fp16"] = "no"
-    log_every: int = 20
-    resume: str | None = None  # "latest" or a checkpoint folder (checkpoints at epoch ends)
-    keep_last: int = 1
-    num_threads: int = 0  # torch threads per process (0: CPU cores / local processes)
+class VLTaskConfig(RunConfig):
+    world: WorldConfig = field(default_factory=WorldConfig)
+    data: VLDataConfig = field(default_factory=VLDataConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    # "default" (packaged tiny CLIP), a checkpoint path, or an arch name (random init, seed 0)
+    backbone: str = "default"
+    mode: Literal["features", "end2end"] = "features"
+    tuning: TuningConfig = field(default_factory=TuningConfig)  # end2end: lock_image or full
+    backbone_lr_scale: float = 0.1  # end2end: the backbone's lr is this times optim.lr
+    # PEFT adapters: on the backbone (end2end) or the fusion head (features); see adapters.py
+    peft: AdapterConfig = field(default_factory=AdapterConfig)
+    text: QuestionConfig = field(default_factory=lambda: QuestionConfig(embed_dim=64, hidden=128))
+    model: HeadConfig = field(default_factory=shapes_head)
 
 
-def _log(accelerator: Any, msg: str) -> None:
-    if accelerator is None or accelerator.is_main_process:
-        print(msg, file=sys.stderr, flush=True)
+class VLTask(Task):
+    """A head over image features and a sentence, trained on `splits["train"]`, selected on
+    `splits["val"]`. Subclasses implement `load_splits`, `image_files`, `dataset`,
+    `num_outputs`, `training_step`, `score_results`, `prior` and `print_report`."""
 
+    collate_fn: ClassVar[Any]  # the task's collate function
+    id_key: ClassVar[str] = "index"  # the batch key that identifies predictions
+    shapes_splits: ClassVar[tuple[str, ...]] = ("train2014", "val2014")  # BottomUp on Shapes
 
-def _tsv_key(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for p in paths:
-        st = p.stat()
-        digest.update(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
-
-
-def _complete_store(
-    accelerator: Any, path: Path, needed: Collection[str], expect: dict
-) -> FeatureStore | None:
-    """The store at `path` if it exists, fits `expect` and holds every id of `needed`: then the
-    run only reads it (no writer, so concurrent runs can share a finished cache). Rank 0 decides
-    for everyone, so all processes take the same path (and meet at the same barriers)."""
-    store, complete = None, False
-    if (path / "metadata.json").is_file():
-        store = FeatureStore.open(path, expect=expect)
-        complete = bool(needed) and all(i in store for i in needed)
-    if accelerator is not None and accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        complete = broadcast_object_list([complete])[0]
-    if not complete:
-        return None
-    return store if store is not None else FeatureStore.open(path, expect=expect)
-
-
-def prepare_feature_store(
-    accelerator: Any,
-    cfg: FeatureConfig,
-    backbone: str,
-    images: Mapping[int | str, str | Path],
-    cache_root: str | Path,
-    world: str | Path | None = None,
-    needed: Collection[str] = (),
-    shapes_splits: tuple[str, ...] = ("train2014", "val2014"),
-) -> FeatureStore:
-    """Open (making it first when needed) the feature store the run reads.
-
-    clip-grid: `cfg.store`, or `{cache_root}/clip-grid-{sha256[:16]}-{H}x{W}-{storage}` filled by
-    `extract_grids` with the images of `images` (id -> file) that it does not hold yet; every
-    process extracts its share. bottomup: `cfg.store`, or the TSV files of `cfg.tsv` imported into
-    `{cache_root}/bottomup-{key}`, or (Shapes world) `build_bottomup_features(world, ...)` over
-    the world's `shapes_splits` (COCO-style for VQA, "flickr30k" for SNLI-VE).
-    A cached store that already holds every id of `needed` (default: the keys of `images`) is
-    opened as it is.
-    """
-    cache_root = Path(cache_root)
-    needed = [str(i) for i in (needed or images)]
-    if cfg.kind not in ("clip-grid", "bottomup"):
-        raise ValueError(f"features.kind must be 'clip-grid' or 'bottomup', got {cfg.kind!r}")
-    kind = "grid" if cfg.kind == "clip-grid" else "regions"
-    if cfg.store:
-        store = FeatureStore.open(cfg.store)
-        check_metadata(store.metadata, {"kind": kind}, cfg.store)
-        return store
-    if cfg.kind == "clip-grid":
-        size = parse_size(cfg.size)
-        _, name, sha = load_backbone(backbone)
-        path = cache_root / f"clip-grid-{sha[:16]}-{size[0]}x{size[1]}-{cfg.storage}"
-        expect = {"kind": "grid", "checkpoint_sha256": sha, "input_size": list(size)}
-        store = _complete_store(accelerator, path, needed, expect)
-        if store is not None:
-            return store
-        _log(accelerator, f"grid features of {name} at {size[0]}x{size[1]} -> {path}")
-        stats = extract_grids(
-            backbone,
-            [images[k] for k in sorted(images, key=str)],
-            path,
-            size,
-            batch_size=cfg.batch_size,
-            storage=cfg.storage,
-            accelerator=accelerator,
-            progress=True,
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--skip-missing", action="store_true", help="= --set data.skip_missing=true"
         )
-        _log(accelerator, f"  {stats['already']} already stored, {stats['written']} extracted")
-        return FeatureStore.open(path, expect=expect)
-    if cfg.tsv:
-        tsv = [Path(p) for p in cfg.tsv]
-        for p in tsv:
-            if not p.is_file():
-                raise FileNotFoundError(f"features.tsv: region file {p} not found")
-        path = cache_root / f"bottomup-{_tsv_key(tsv)}"
-    elif world is not None:
-        out = cache_root / f"bottomup-shapes-{cfg.boxes}"
-        tsv, path = [out / f"{split}.tsv" for split in shapes_splits], out / "store"
-    else:
-        raise ValueError(
-            "features.kind=bottomup needs features.store (a region store) or features.tsv "
-            "(BUTD/LXMERT TSV files to import)"
+        parser.add_argument("--eval-only", default=None, metavar="BEST_DIR",
+                            help="evaluate / predict with a saved best/ folder "
+                                 "(its config.yaml + --set overrides)")  # fmt: skip
+
+    @classmethod
+    def config_file(cls, args: argparse.Namespace) -> str | None:
+        if args.eval_only and args.config is None:
+            return str(Path(args.eval_only) / "config.yaml")
+        return args.config
+
+    @classmethod
+    def apply_arguments(cls, cfg: VLTaskConfig, args: argparse.Namespace) -> None:
+        check_tuning(cfg.mode, cfg.tuning, cfg.peft)
+        cfg.data.skip_missing = cfg.data.skip_missing or args.skip_missing
+
+    # ---- what a task adds
+    def load_splits(self, world: Path | None) -> dict[str, Any]:
+        """{"train", "val", ...} splits (only "val" with --eval-only) of the run's files."""
+        raise NotImplementedError
+
+    def image_files(self, splits: dict[str, Any]) -> tuple[dict[str, Any], dict[Any, Path]]:
+        """(splits without examples whose image is missing, image id -> file) for grid
+        extraction and end2end."""
+        raise NotImplementedError
+
+    def dataset(self, split: Any) -> Dataset:
+        raise NotImplementedError
+
+    def num_outputs(self) -> int:
+        raise NotImplementedError
+
+    def score_results(self, split: str, got: dict[str, torch.Tensor]) -> tuple[list, dict | None]:
+        """(results file rows, metrics or None) from the gathered predictions of `split`."""
+        raise NotImplementedError
+
+    def best_files(self) -> dict[str, Any]:
+        """Extra files of best/ beside model, config, tokenizer and meta."""
+        return {}
+
+    def meta(self) -> dict[str, Any]:
+        return {}
+
+    # ---- the shared part
+    @property
+    def num_workers(self) -> int:
+        return self.cfg.data.num_workers
+
+    def uses_world(self) -> bool:
+        """True when the run reads the embedded Shapes world (no real data files given)."""
+        raise NotImplementedError
+
+    def setup(self) -> None:
+        cfg, run = self.cfg, self.run
+        self.eval_only: str | None = run.args.eval_only
+        self.started = time.monotonic()
+        self.world = None
+        if self.uses_world():
+            with run.accelerator.main_process_first():
+                self.world = prepare_world(cfg.world)
+        splits = self.load_splits(self.world)
+        paths: dict[Any, Path] = {}
+        if cfg.mode == "end2end" or (cfg.features.kind == "clip-grid" and not cfg.features.store):
+            splits, paths = self.image_files(splits)
+        cache = cfg.features.cache_dir or (
+            self.world / "features" if self.world else run.out / "features"
         )
-    store = _complete_store(accelerator, path, needed, {"kind": "regions"})
-    if store is not None:
-        return store
-    if accelerator is None or accelerator.is_main_process:
-        if not cfg.tsv:
-            from cliptransfer.worlds.shapes.bottomup import build_bottomup_features
-
-            build_bottomup_features(
-                world,
-                out,
-                boxes=cfg.boxes,
-                splits=shapes_splits,
-                log=lambda m: _log(accelerator, m),
-            )
-        stats = import_regions(tsv, path, storage=cfg.storage)  # resumable: skips stored ids
-        _log(
-            accelerator, f"regions -> {path}: {stats['written']} imported, {stats['already']} kept"
-        )
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    return FeatureStore.open(path, expect={"kind": "regions"})
-
-
-@dataclass
-class ImageSide:
-    """What a task's dataset and model need from the image side of a run."""
-
-    inputs: Callable[[Any], dict[str, torch.Tensor]]  # image id -> {features, spatial}|{pixels}
-    dim: int  # channels of the features the head sees
-    info: dict[str, Any]  # for metrics.json: store metadata, or the end2end backbone
-    backbone: nn.Module | None = None  # end2end: the GridBackbone
-    available: Callable[[Any], bool] = lambda image_id: True  # features present for this id
-    where: str = ""  # names the store (or image folder) in error messages
-
-
-def image_side(
-    accelerator: Any,
-    cfg: FeatureConfig,
-    mode: str,
-    backbone: str,
-    tuning: TuningConfig,
-    files: Mapping[Any, str | Path],
-    cache_root: str | Path,
-    world: str | Path | None = None,
-    needed: Collection[Any] = (),
-    shapes_splits: tuple[str, ...] = ("train2014", "val2014"),
-) -> ImageSide:
-    """features mode: the feature store (`prepare_feature_store`; `needed` = the image ids the run
-    reads); end2end: the pixels of `files` (image id -> path) at `cfg.size` and the CLIP image
-    tower tuned as `tuning` says."""
-    if mode == "features":
-        store = prepare_feature_store(
-            accelerator, cfg, backbone, files, cache_root, world, [str(i) for i in needed],
-            shapes_splits,
+        needed = sorted({i for split in splits.values() for i in split.image_ids()})
+        self.side: ImageSide = image_side(
+            run.accelerator, cfg.features, cfg.mode, cfg.backbone, cfg.tuning, paths, cache,
+            self.world, needed, shapes_splits=self.shapes_splits,
         )  # fmt: skip
-        inputs = StoreInputs(store, cfg.max_regions or None)
-        return ImageSide(
-            inputs,
-            inputs.channels,
-            dict(store.metadata, path=str(store.root)),
-            available=lambda image_id: str(image_id) in store,
-            where=f"feature store {store.root}",
-        )
-    if mode != "end2end":
-        raise ValueError(f"mode must be 'features' or 'end2end', got {mode!r}")
-    size = parse_size(cfg.size)
-    clip, name, sha = load_backbone(backbone)
-    grid = GridBackbone(clip, tuning)
-    info = {"kind": "end2end", "backbone": name, "checkpoint_sha256": sha, "input_size": list(size)}
-    return ImageSide(PixelInputs(files, size), grid.channels, info, grid)
+        from cliptransfer.tasks.vqa.data import check_available
 
-
-@torch.no_grad()
-def predict(
-    accelerator: Any,
-    model: nn.Module,
-    loader: Any,
-    step: Callable[[nn.Module, dict[str, Any]], dict[str, torch.Tensor]],
-) -> dict[str, torch.Tensor]:
-    """Run `step(model, batch) -> {name: (B, ...) tensor}` over a prepared loader and gather the
-    outputs of every process, in order and without the duplicates that pad uneven shards."""
-    was_training = model.training
-    model.eval()
-    parts: dict[str, list[torch.Tensor]] = {}
-    for batch in loader:
-        with accelerator.autocast():
-            out = step(model, batch)
-        out = accelerator.gather_for_metrics({k: v.contiguous() for k, v in out.items()})
-        for k, v in out.items():
-            parts.setdefault(k, []).append(v.cpu())
-    model.train(was_training)
-    return {k: torch.cat(v) for k, v in parts.items()}
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-def peak_memory(device: torch.device) -> dict[str, Any]:
-    """Peak memory of this process: GPU `max_memory_allocated`, or CPU `ru_maxrss` (MiB)."""
-    if device.type == "cuda":
-        return {
-            "kind": "cuda_max_memory_allocated",
-            "mib": torch.cuda.max_memory_allocated() / 2**20,
+        skip = cfg.data.skip_missing
+        self.splits = {
+            name: check_available(split, self.side.available, self.side.where, skip, "missing_features")
+            for name, split in splits.items()
+        }  # fmt: skip
+        self.tokenizer = build_question_tokenizer(cfg.text)
+        self.datasets = {name: self.dataset(split) for name, split in self.splits.items()}
+        self.train_data = self.datasets.get("train")
+        self.collate = type(self).collate_fn
+        self.model = run_model(
+            run.accelerator, cfg, self.side, self.num_outputs(), self.tokenizer.vocab_size,
+            self.eval_only,
+        )  # fmt: skip
+        if not self.eval_only:
+            save_run_config(run)
+        self.loaders = {
+            name: run.accelerator.prepare(
+                DataLoader(
+                    ds,
+                    batch_size=cfg.train.eval_batch_size,
+                    collate_fn=self.collate,
+                    num_workers=cfg.data.num_workers,
+                )  # fmt: skip
+            )
+            for name, ds in self.datasets.items()
+            if name != "train"
         }
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"kind": "cpu_ru_maxrss", "mib": kib / 1024}
+
+    def lr_scales(self) -> dict[str, float]:
+        return lr_scales(self.cfg)
+
+    def evaluate(self, model: nn.Module, split: str) -> tuple[list, dict | None]:
+        got = predict(
+            self.run.accelerator,
+            model,
+            self.loaders[split],
+            lambda m, b: {self.id_key: b[self.id_key], "label": m(b).argmax(-1)},
+        )
+        return self.score_results(split, got)
+
+    def save_best(self, folder: Path, model: nn.Module, best: dict, results: Any) -> None:
+        meta = {"visual_dim": self.side.dim, **self.meta(), "features": self.side.info}
+        meta.update(epoch=best["epoch"], step=best["step"], val=best["val"])
+        files = {
+            "config.yaml": yaml.safe_dump(to_dict(self.cfg), sort_keys=False),
+            "tokenizer": self.tokenizer.save,
+            "meta.json": meta,
+            **self.best_files(),
+        }
+        save_best_dir(folder, model, self.cfg.peft, files)
+        self.run.write_json("results_val.json", results)
+
+    def load_best(self) -> nn.Module:
+        """The model of best/ (after training; every process waits for the main one's write)."""
+        self.run.accelerator.wait_for_everyone()
+        fresh = task_model(self.cfg, self.side.dim, self.num_outputs(), self.tokenizer.vocab_size)
+        return load_best_model(self.run.out / "best", fresh, self.cfg.peft)
+
+    # ---- reports
+    def base_report(self) -> dict[str, Any]:
+        return {
+            "mode": self.cfg.mode,
+            "model": self.cfg.model.arch,
+            "features": self.side.info,
+            "skipped": {name: s.skipped for name, s in self.splits.items()},
+        }
+
+    def evaluate_only(self) -> dict[str, Any]:
+        """--eval-only: score / predict val with the saved model."""
+        model = self.run.accelerator.prepare(self.model)
+        results, metrics = self.evaluate(model, "val")
+        self.run.write_json("results_val.json", results)
+        return {**self.report(None), "evaluated": str(self.eval_only), "val": metrics}
+
+    def report(self, result: FitResult | None) -> dict[str, Any]:
+        report = self.base_report()
+        if result is not None:
+            report.update(result.report())
+        return report
+
+    def finish_report(self, report: dict[str, Any]) -> dict[str, Any]:
+        report.update(peak_memory=peak_memory(self.run.accelerator.device),
+                      seconds=time.monotonic() - self.started)  # fmt: skip
+        return report
+
+
+def read_meta(folder: str | Path) -> dict[str, Any]:
+    return json.loads((Path(folder) / "meta.json").read_text())
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     def cell(v: Any) -> str:
+        if v is None:
+            return "-"
         return f"{v:.2f}" if isinstance(v, float) else str(v)
 
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]

@@ -21,9 +21,10 @@ from cliptransfer.clip.tuning import TuningConfig
 from cliptransfer.config import ConfigError
 from cliptransfer.engine.optim import trainable_summary
 from cliptransfer.fileio import atomic_save_dir
-from cliptransfer.heads.model import GridBackbone, VLModel, build_head
-from cliptransfer.tasks.common import ImageSide
+from cliptransfer.heads.model import VLModel, build_head
+from cliptransfer.visual.backbone import GridBackbone
 from cliptransfer.visual.extract import load_backbone
+from cliptransfer.visual.side import ImageSide
 
 __all__ = [
     "attach_adapters",
