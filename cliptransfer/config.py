@@ -129,7 +129,11 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
         raise ConfigError(f"unknown key {key!r} (valid keys here: {', '.join(sorted(fields))})")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        # A range check in __post_init__ names its field; give it the section path too.
+        raise ConfigError(f"{where}.{e}" if where else str(e)) from None
 
 
 def to_dict(obj: Any) -> Any:
