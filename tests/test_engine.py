@@ -209,3 +209,18 @@ def test_config_ranges_are_usage_errors(tmp_path, capsys, setting, message):
     with pytest.raises(SystemExit):
         _run(tmp_path, setting)
     assert message in capsys.readouterr().err
+
+
+def test_nan_feature_row_is_named_on_read():
+    # The store's writer refuses NaN; a store damaged or written by other tools is caught on read.
+    from cliptransfer.visual.inputs import StoreInputs
+
+    class Damaged(dict):
+        root = "/data/store"
+        metadata = {"kind": "grid", "channels": 2, "grid_size": [1, 2]}
+
+    store = Damaged({"7": {"features": torch.tensor([[1.0, 2.0], [float("nan"), 0.0]])}})
+    with pytest.raises(
+        ValueError, match=r"/data/store: image 7 has non-finite features \(rows \[1\]\)"
+    ):
+        StoreInputs(store)(7)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
 from cliptransfer.heads.mcan import MCAN, MCANConfig
 from cliptransfer.heads.question import QuestionConfig, build_question_encoder
+from cliptransfer.heads.registry import get_head, register_head
 from cliptransfer.heads.topdown import TopDown, TopDownConfig
 from cliptransfer.visual.inputs import grid_inputs
 
@@ -25,7 +25,7 @@ __all__ = ["HeadConfig", "VLModel", "build_head", "shapes_head"]
 
 @dataclass
 class HeadConfig:
-    arch: Literal["topdown", "mcan"] = "topdown"
+    arch: str = "topdown"  # a registered head (cliptransfer.heads.registry): topdown, mcan, ...
     spatial: bool = True  # feed the normalised box of each cell/region
     topdown: TopDownConfig = dataclasses.field(default_factory=TopDownConfig)
     mcan: MCANConfig = dataclasses.field(default_factory=MCANConfig)
@@ -40,14 +40,19 @@ def shapes_head() -> HeadConfig:
 def build_head(
     cfg: HeadConfig, text: QuestionConfig, visual_dim: int, num_outputs: int, vocab_size: int
 ) -> nn.Module:
-    """The top-down or MCAN head with its text encoder; logits (B, num_outputs)."""
+    """The head registered as `cfg.arch` with its text encoder; logits (B, num_outputs)."""
     question = build_question_encoder(text, vocab_size)
-    spatial = 4 if cfg.spatial else 0
-    if cfg.arch == "topdown":
-        return TopDown(question, visual_dim, num_outputs, cfg.topdown, spatial)
-    if cfg.arch == "mcan":
-        return MCAN(question, visual_dim, num_outputs, cfg.mcan, spatial)
-    raise ValueError(f"model.arch must be 'topdown' or 'mcan', got {cfg.arch!r}")
+    return get_head(cfg.arch)(cfg, question, visual_dim, num_outputs, 4 if cfg.spatial else 0)
+
+
+@register_head("topdown")
+def topdown(cfg: HeadConfig, question: nn.Module, visual_dim: int, num_outputs: int, spatial: int):
+    return TopDown(question, visual_dim, num_outputs, cfg.topdown, spatial)
+
+
+@register_head("mcan")
+def mcan(cfg: HeadConfig, question: nn.Module, visual_dim: int, num_outputs: int, spatial: int):
+    return MCAN(question, visual_dim, num_outputs, cfg.mcan, spatial)
 
 
 class VLModel(nn.Module):

@@ -95,6 +95,12 @@ class StoreInputs:
     def __call__(self, image_id: int | str) -> dict[str, torch.Tensor]:
         rec = self.store[str(image_id)]
         feats = rec["features"]  # (N, C)
+        if not torch.isfinite(feats).all():  # cheap next to the head; NaN would poison every loss
+            bad = (~torch.isfinite(feats)).any(-1).nonzero().flatten().tolist()
+            raise ValueError(
+                f"feature store {self.store.root}: image {image_id} has non-finite features "
+                f"(rows {bad[:8]}{' ...' if len(bad) > 8 else ''}); re-extract it or drop the id"
+            )
         if self.kind == "grid":
             return {"features": feats, "spatial": self._grid}
         w, h = rec["image_w"], rec["image_h"]
