@@ -119,9 +119,12 @@ def start_run(task_cls: type[Task], argv: list[str] | None, doc: str | None) -> 
         parser.error(str(e))
     if args.resume:
         cfg.train.resume = args.resume
+    # On a machine without GPUs the Accelerator must be told it is on the CPU: torchrun-started
+    # processes would otherwise each believe they are alone (two runs, no gradient averaging).
+    cpu = args.cpu or not torch.cuda.is_available()
     accelerator = Accelerator(
-        cpu=args.cpu,
-        mixed_precision=resolve_precision(cfg.train.precision, args.cpu),
+        cpu=cpu,
+        mixed_precision=resolve_precision(cfg.train.precision, cpu),
         log_with="tensorboard",
         project_dir=cfg.train.out_dir,
     )
