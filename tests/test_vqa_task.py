@@ -223,3 +223,36 @@ def test_resume_from_epoch_checkpoint_equals_uninterrupted(tiny_world: Path, tmp
     last = "checkpoints/step-0000036/model.safetensors"
     sa, sb = load_file(str(tmp_path / "a" / last)), load_file(str(tmp_path / "b" / last))
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_kill_9_mid_epoch_then_resume_latest_equals_uninterrupted(tiny_world: Path, tmp_path: Path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cache = tmp_path / "cache"
+    common = [
+        "train.epochs=2",
+        "train.save_every_steps=3",
+        "train.keep_last=3",
+        "model.mcan.dropout=0.1",
+    ]
+    full = vqa.main(_args(tiny_world, tmp_path / "full", cache, *common))
+    cut = tmp_path / "cut"
+    script = Path(__file__).resolve().parents[1] / "tasks" / "vqa.py"
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *_args(tiny_world, cut, cache, *common)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    pointer, deadline = cut / "checkpoints" / "latest", time.monotonic() + 120
+    while not pointer.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)  # wherever it is: mid-step, mid-save, mid-evaluation
+    proc.wait()
+    assert not (cut / "metrics.json").exists(), "the run finished before it could be killed"
+    resumed = vqa.main(["--resume", "latest", *_args(tiny_world, cut, cache, *common)])
+    assert resumed["history"] == full["history"] and resumed["val"] == full["val"]
+    saved = json.loads((cut / "metrics.json").read_text())
+    assert saved["val"] == full["val"] and saved["best_epoch"] == full["best_epoch"]
