@@ -18,6 +18,7 @@ from typing import Literal
 from torch import nn
 
 from cliptransfer.clip.tuning import LORA_TARGETS
+from cliptransfer.config import check_range
 from cliptransfer.engine.optim import trainable_summary
 
 METHODS = ("lora", "loha", "ia3")
@@ -36,6 +37,11 @@ class AdapterConfig:
     # only the backbone is adapted, else the classifier.
     modules_to_save: list[str] = field(default_factory=list)
     bn_policy: Literal["freeze", "train"] = "freeze"
+
+    def __post_init__(self) -> None:
+        check_range("r", self.r, ge=1)
+        check_range("alpha", self.alpha, gt=0)
+        check_range("dropout", self.dropout, ge=0, lt=1)
 
 
 def _wrappable(name: str, module: nn.Module) -> list[str]:

@@ -3,12 +3,19 @@
 A config is a (nested) dataclass. `load_config(Cls, path, overrides)` starts from the dataclass
 defaults, applies the YAML file, then each override in order, and checks every key and type on the
 way: an unknown key is an error that names the key and where it came from, never silently ignored.
+
+Value ranges: a dataclass checks its own fields in `__post_init__` (every construction) or in a
+`validate(self) -> None` method (run by `from_dict`, i.e. on loading only), raising
+ConfigError("field: message"), most simply with `check` / `check_range` below. `from_dict` puts
+the section's dotted path in front, so `--set train.epochs=-3` reports
+"--set train.epochs=-3: train.epochs: must be >= 1, got -3".
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -24,6 +31,47 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the config's dataclass."""
+
+
+def check(ok: bool, field: str, requirement: str, value: Any) -> None:
+    """Raise ConfigError("field: requirement, got value") unless `ok` (for range checks)."""
+    if not ok:
+        raise ConfigError(f"{field}: {requirement}, got {value!r}")
+
+
+def check_range(
+    field: str,
+    value: float | None,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> None:
+    """`value` within the given bounds; floats must also be finite. None (unset) always passes.
+
+    The message is built from the bounds: "must be >= 1", "must be a finite number > 0",
+    "must be in [0, 1)". NaN fails every comparison, but is refused explicitly so that a
+    one-sided bound like `ge=0` cannot let +inf through either.
+    """
+    if value is None:
+        return
+    low = f"[{ge}" if ge is not None else f"({gt}" if gt is not None else None
+    high = f"{le}]" if le is not None else f"{lt})" if lt is not None else None
+    if low is not None and high is not None:
+        requirement = f"must be in {low}, {high}"
+    else:
+        ops = [(">=", ge), (">", gt), ("<=", le), ("<", lt)]
+        op, bound = next((op, b) for op, b in ops if b is not None)
+        finite = "a finite number " if isinstance(value, float) else ""
+        requirement = f"must be {finite}{op} {bound}"
+    ok = math.isfinite(value) and (
+        (ge is None or value >= ge)
+        and (gt is None or value > gt)
+        and (le is None or value <= le)
+        and (lt is None or value < lt)
+    )
+    check(ok, field, requirement, value)
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -130,10 +178,14 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         raise ConfigError(f"unknown key {key!r} (valid keys here: {', '.join(sorted(fields))})")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
+        validate = getattr(obj, "validate", None)
+        if callable(validate):
+            validate()
     except ConfigError as e:
-        # A range check in __post_init__ names its field; give it the section path too.
+        # A range check in __post_init__ / validate names its field; add the section path.
         raise ConfigError(f"{where}.{e}" if where else str(e)) from None
+    return obj
 
 
 def to_dict(obj: Any) -> Any:

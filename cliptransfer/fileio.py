@@ -1,12 +1,21 @@
-"""Atomic file and folder writes: a crash never leaves a half-written file that looks complete."""
+"""Atomic file and folder writes, and the project's JSON / JSON Lines readers and writer.
+
+Writes never leave a half-written file that looks complete (temp file + fsync + rename). The JSON
+readers turn every way a file can be unreadable into a `JSONFileError` (a ValueError, so command
+lines print it as a usage error) whose message names the file and the place: line and column for
+malformed JSON, line and byte offset for bytes that are not UTF-8.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 
 def _umask() -> int:
@@ -53,10 +62,106 @@ def atomic_save_dir(write: Callable[[Path], object], final: str | Path) -> Path:
     return final
 
 
-def _finite(obj):
-    """`obj` with NaN/inf floats replaced by None (strict JSON has no NaN)."""
-    import math
+class JSONFileError(ValueError):
+    """A JSON or JSON Lines file that is not valid UTF-8 or not valid JSON.
 
+    `str()` is the complete message. The parts (1-based `line`, and `column` for malformed JSON
+    or the file's byte `offset` for bad UTF-8; `reason` is the bare parser message) let callers
+    that number records in their own style re-word it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        path: Path,
+        *,
+        line: int | None,
+        reason: str,
+        column: int | None = None,
+        offset: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.path, self.line, self.reason = path, line, reason
+        self.column, self.offset = column, offset
+
+
+def _utf8_error(
+    path: Path, e: UnicodeDecodeError, data: bytes, base: int, line: int
+) -> JSONFileError:
+    """The error for bytes `data` (at file offset `base`, starting on line `line`) that failed."""
+    # e.start is relative to `data`; the line and offset are made file-absolute here, because
+    # the decoder's own position is only meaningful within the chunk it was given.
+    offset = base + e.start
+    line += data.count(b"\n", 0, e.start)
+    bad = data[e.start : e.end].hex(" ")
+    message = (
+        f"{path}: line {line}: invalid UTF-8 byte(s) {bad} at byte offset {offset} ({e.reason})"
+    )
+    return JSONFileError(message, path, line=line, reason=e.reason, offset=offset)
+
+
+def _read_bytes(path: Path, what: str | None) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what + ' file' if what else 'file'} not found: {path}") from None
+
+
+def read_json(path: str | Path, *, what: str | None = None) -> Any:
+    """The JSON document in `path` (UTF-8).
+
+    `what` ("VQA questions") names the file's role in the errors. A missing file raises
+    FileNotFoundError; bad bytes or bad JSON raise JSONFileError naming the file and place.
+    """
+    path = Path(path)
+    data = _read_bytes(path, what)
+    role = f" in {what} file" if what else ""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _utf8_error(path, e, data, 0, 1) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        message = f"{path}: invalid JSON{role} ({e.msg} at line {e.lineno}, column {e.colno})"
+        raise JSONFileError(message, path, line=e.lineno, reason=e.msg, column=e.colno) from None
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, record) for each non-blank line of the JSON Lines file `path` (UTF-8).
+
+    Streams the file (SNLI-VE train is ~500k lines). Errors are JSONFileError naming the file,
+    the line, and the column (malformed JSON) or the byte offset in the file (bad UTF-8).
+    """
+    path = Path(path)
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"file not found: {path}") from None
+    with f:
+        offset = 0
+        # Binary lines split on b"\n" only, so `offset` counts the file's bytes exactly.
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _utf8_error(path, e, raw, offset, lineno) from None
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                # Without its newline the line is the whole document, so colno is its column.
+                record = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as e:
+                message = f"{path}: line {lineno}: invalid JSON ({e.msg} at column {e.colno})"
+                raise JSONFileError(
+                    message, path, line=lineno, reason=e.msg, column=e.colno
+                ) from None
+            yield lineno, record
+
+
+def _finite(obj: Any) -> Any:
+    """`obj` with NaN/inf floats replaced by None, recursively (strict JSON has no NaN)."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
@@ -66,14 +171,17 @@ def _finite(obj):
     return obj
 
 
-def write_json(path: str | Path, obj, indent: int | None = 2) -> None:
-    """Strict JSON, written atomically: non-finite floats become null."""
-    import json
+def write_json(
+    path: str | Path, obj: Any, indent: int | None = 2, *, sort_keys: bool = False
+) -> None:
+    """Write `obj` as strict JSON (RFC 8259) plus a newline, atomically.
 
-    atomic_write_text(path, json.dumps(_finite(obj), indent=indent, allow_nan=False) + "\n")
-
-
-def read_json(path: str | Path):
-    import json
-
-    return json.loads(Path(path).read_text())
+    NaN and +-inf floats, which `json.dumps` would write as the non-standard `NaN`/`Infinity`
+    that strict parsers (jq, JavaScript, Go) reject, are written as `null`, at any depth of
+    dicts, lists and tuples. `indent=None` writes one compact line (no spaces after , and :).
+    """
+    separators = (",", ":") if indent is None else None
+    text = json.dumps(
+        _finite(obj), indent=indent, separators=separators, sort_keys=sort_keys, allow_nan=False
+    )
+    atomic_write_text(path, text + "\n")

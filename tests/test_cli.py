@@ -2,16 +2,86 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import tarfile
+from pathlib import Path
 
 from cliptransfer.cli import main
 from cliptransfer.clip import create_clip
 
 
-def test_prepare_shapes_is_idempotent(tiny_world, capsys):
+def _snapshot(root: Path, names: list[str]) -> dict[str, tuple[str, int]]:
+    """{relative path: (sha256, mtime_ns)}: same bytes, and not rewritten with the same bytes."""
+    return {
+        n: (hashlib.sha256((root / n).read_bytes()).hexdigest(), (root / n).stat().st_mtime_ns)
+        for n in names
+    }
+
+
+def _records(path: Path) -> int:
+    """How many records a world file holds, counted from the file itself."""
+    if path.is_dir():
+        return sum(1 for _ in path.iterdir())
+    if path.suffix == ".tar":
+        with tarfile.open(path) as tar:
+            return len(tar.getnames()) // 3  # {key}.jpg, {key}.txt, {key}.json per sample
+    if path.suffix == ".csv":
+        return len(path.read_text().splitlines()) - 1  # the header
+    if path.suffix in (".jsonl", ".txt"):
+        return len(path.read_text().splitlines())
+    obj = json.loads(path.read_text())
+    key = next(k for k in ("annotations", "questions", "images") if k in obj)
+    return len(obj[key])
+
+
+def test_prepare_shapes_is_idempotent(tiny_world, tmp_path, capsys):
+    manifest = json.loads((tiny_world / "manifest.json").read_text())
+    files = manifest["files"] + ["manifest.json"]
+    before = _snapshot(tiny_world, files)
     assert main(["prepare", "shapes", "--out", str(tiny_world), "--size", "tiny"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["counts"]["images/train2014"] > 0
+    assert _snapshot(tiny_world, files) == before  # the second prepare wrote nothing
+    assert out == {"out": str(tiny_world), "counts": manifest["counts"]}
+    # The tiny preset: 48 train + 24 val COCO images with 5 captions each; 24 train + 8 dev +
+    # 8 test Flickr images with 3 premises x 3 labels each; 48 zero-shot images.
+    expected = {
+        "images/train2014": 48,
+        "images/val2014": 24,
+        "objects/train2014.json": 48,
+        "objects/val2014.json": 24,
+        "annotations/captions_train2014.json": 5 * 48,
+        "annotations/captions_val2014.json": 5 * 24,
+        "captions.txt": 5 * 48,
+        "pairs/train.jsonl": 5 * 48,
+        "pairs/train.csv": 5 * 48,
+        "pairs/shards/train-000000.tar": 5 * 48,
+        "pairs/val.jsonl": 5 * 24,
+        "pairs/val.csv": 5 * 24,
+        "pairs/shards_val/val-000000.tar": 5 * 24,
+        "flickr30k_images": 24 + 8 + 8,
+        "objects/flickr30k.json": 24 + 8 + 8,
+        "snli_ve/snli_ve_train.jsonl": 9 * 24,
+        "snli_ve/snli_ve_dev.jsonl": 9 * 8,
+        "snli_ve/snli_ve_test.jsonl": 9 * 8,
+        "classify/val.jsonl": 48,
+    }
+    vqa = {k: v for k, v in out["counts"].items() if k.startswith("vqa/")}
+    assert {k: v for k, v in out["counts"].items() if not k.startswith("vqa/")} == expected
+    assert sorted(vqa) == [
+        "vqa/v2_OpenEnded_mscoco_train2014_questions.json",
+        "vqa/v2_OpenEnded_mscoco_val2014_questions.json",
+        "vqa/v2_mscoco_train2014_annotations.json",
+        "vqa/v2_mscoco_val2014_annotations.json",
+    ]
+    # Every count is what the file holds (VQA: a random number of questions per image).
+    assert {k: _records(tiny_world / k) for k in out["counts"]} == out["counts"]
+    # A fresh generation with the same size and seed is byte-identical, manifest included.
+    again = tmp_path / "again"
+    assert main(["prepare", "shapes", "--out", str(again), "--size", "tiny"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"out": str(again), "counts": out["counts"]}
+    fresh = {k: v[0] for k, v in _snapshot(again, files).items()}
+    assert fresh == {k: v[0] for k, v in before.items()}
 
 
 def test_tokenizer_train_and_info(tiny_world, tmp_path, capsys):

@@ -224,3 +224,33 @@ def test_nan_feature_row_is_named_on_read():
         ValueError, match=r"/data/store: image 7 has non-finite features \(rows \[1\]\)"
     ):
         StoreInputs(store)(7)
+
+
+class TwoOptimizerTask(ToyTask):
+    """CLIP-ViL_p's shape: SGD with step decay for the "backbone" (first layer) beside AdamW."""
+
+    def optimizers(self, model):
+        from cliptransfer.engine.optim import adamw_spec, sgd_step_spec
+
+        return [
+            adamw_spec(model[2], self.cfg.optim, name="adamw"),
+            sgd_step_spec(model[0], 0.003, weight_decay=4e-4, step_every=5, name="backbone_sgd"),
+        ]
+
+
+TwoOptimizerTask.spec = TaskSpec("toy2", TwoOptimizerTask, ToyConfig, "tests/test_engine.py")
+
+
+def test_two_optimizers_step_schedule_and_resume_exactly(tmp_path):
+    sets = ["--set", "train.num_threads=1", "--set", "train.save_every_steps=4"]
+    full = run_task(TwoOptimizerTask, ["--set", f"train.out_dir={tmp_path / 'a'}", *sets])
+    ckpt = tmp_path / "a" / "checkpoints"
+    assert (ckpt / "step-0000021" / "optimizer-1.pt").is_file()
+    sched = json.loads((ckpt / "step-0000021" / "scheduler-1.json").read_text())
+    assert sched["last_epoch"] == 21 and sched["_last_lr"] == [pytest.approx(0.003 * 0.1**4)]
+    # Resume from a mid-epoch checkpoint of the same run: both optimizers continue exactly.
+    resumed = run_task(TwoOptimizerTask, ["--set", f"train.out_dir={tmp_path / 'b'}", *sets,
+                                          "--resume", str(ckpt / "step-0000012")])  # fmt: skip
+    assert resumed["val"] == full["val"] and resumed["history"][-1] == full["history"][-1]
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -348,21 +349,61 @@ def test_lxmert_answer_vocab() -> None:
 # ------------------------------------------------------------------- local `evaluate` module
 
 
+# Ten GT answers per question, worked by hand from the official definition: per GT answer,
+# min(1, matches among the other 9 / 3), averaged over the 10.
+EVAL_PREDS = ["2", "Yes", "red", "dog"]
+EVAL_REFS = [
+    ["2", "2", "two"] + ["3"] * 7,
+    ["yes"] * 10,
+    ["red"] + ["blue"] * 9,
+    ["a dog"] * 2 + ["dogs"] * 8,
+]
+EVAL_HAND = {
+    # current: GTs differ, so both sides are normalised ("two" -> "2"): 3 matches,
+    #   (3 * 2/3 + 7 * 3/3) / 10 = 0.9; legacy normalises the GTs' punctuation only: 2 matches,
+    #   (2 * 1/3 + 8 * 2/3) / 10 = 0.6.
+    # "Yes" vs 10 x "yes": current leaves identical GTs and the prediction as they are: 0 matches,
+    #   0.0; legacy always normalises the prediction: 10 matches, 1.0.
+    # "red" vs 1 x "red": the matching GT sees 0 others, the 9 others see 1: (9 * 1/3) / 10 = 0.3.
+    # "dog" vs 2 x "a dog": current drops the article: 2 matches, (2 * 1/3 + 8 * 2/3) / 10 = 0.6;
+    #   legacy keeps "a dog": 0 matches, 0.0.
+    "default": [0.9, 0.0, 0.3, 0.6],
+    "legacy": [0.6, 1.0, 0.3, 0.0],
+}
+
+
 @pytest.mark.slow  # importing evaluate + datasets takes several seconds
 def test_evaluate_module_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local `evaluate` module loads from its folder with no network and scores exactly as
+    cliptransfer.tasks.vqa.metric (and as the hand-worked numbers above)."""
     for var in ("HF_EVALUATE_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
         monkeypatch.setenv(var, "1")
     evaluate = pytest.importorskip("evaluate")
     monkeypatch.setattr(evaluate.config, "HF_EVALUATE_OFFLINE", True, raising=False)
-    preds = ["yes", "2", "cat"]
-    refs = [["yes"] * 10, ["two"] * 4 + ["three"] * 6, ["cat", "dog", "dog"]]
-    # by hand -- current: (1 + 1 + 2/9) / 3; legacy ("two" GT stays "two" != "2"): (1 + 0 + 2/9) / 3
-    hand = {"default": (2 + 2 / 9) / 3, "legacy": (1 + 2 / 9) / 3}
+
+    attempts: list[tuple] = []
+
+    def no_network(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network disabled in this test")
+
+    # Environment variables are read when huggingface_hub is first imported, perhaps before this
+    # test, and `evaluate` swallows failed Hub look-ups; so refuse every connection and check
+    # at the end that none was tried (`evaluate.load("accuracy")` here would record one).
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
     for config, legacy in (("default", False), ("legacy", True)):
+        hand = EVAL_HAND[config]
+        ours = [vqa_accuracy(r, p, legacy=legacy) for p, r in zip(EVAL_PREDS, EVAL_REFS)]
+        assert ours == pytest.approx(hand, abs=1e-12)
         metric = evaluate.load(
-            str(MODULE_DIR), config, cache_dir=str(tmp_path), keep_in_memory=True
+            str(MODULE_DIR), config, cache_dir=str(tmp_path / config), keep_in_memory=True
         )
-        got = metric.compute(predictions=preds, references=refs)["accuracy"]
-        want = sum(vqa_accuracy(r, p, legacy=legacy) for p, r in zip(preds, refs)) / 3
-        assert got == pytest.approx(want, abs=1e-12)
-        assert got == pytest.approx(hand[config], abs=1e-12)
+        got = metric.compute(predictions=EVAL_PREDS, references=EVAL_REFS)
+        assert got == {"accuracy": sum(ours) / len(ours)}  # the same float, not just close
+        assert got["accuracy"] == pytest.approx(sum(hand) / 4, abs=1e-12)  # 0.45 / 0.475
+        for p, r, want in zip(EVAL_PREDS, EVAL_REFS, ours):
+            assert metric.compute(predictions=[p], references=[r]) == {"accuracy": want}
+    with pytest.raises(ValueError, match="config_name must be one of"):
+        evaluate.load(str(MODULE_DIR), "strict", cache_dir=str(tmp_path / "bad"))
+    assert attempts == []

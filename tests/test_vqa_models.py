@@ -9,6 +9,7 @@ import torch
 
 from cliptransfer.clip import create_clip
 from cliptransfer.clip.tuning import TuningConfig
+from cliptransfer.config import ConfigError
 from cliptransfer.heads.mcan import MCAN, MCANConfig
 from cliptransfer.heads.model import VLModel
 from cliptransfer.heads.question import (
@@ -147,8 +148,10 @@ def test_hf_text_encoder(tmp_path: Path):
     torch.testing.assert_close(alone[0], out[0], atol=1e-5, rtol=1e-5)
     with pytest.raises(FileNotFoundError, match="not found"):
         build_question_tokenizer(QuestionConfig(encoder=f"hf:{tmp_path / 'nope'}"))
-    with pytest.raises(ValueError, match="text.encoder must be"):
-        build_question_encoder(QuestionConfig(encoder="transformer"), 10)
+    # An unknown encoder is refused when the config is built (before any data is read).
+    with pytest.raises(ConfigError) as e:
+        QuestionConfig(encoder="transformer")
+    assert str(e.value) == "encoder: must be 'gru', 'lstm' or 'hf:/path', got 'transformer'"
 
 
 @pytest.mark.parametrize("mode", ["full", "lock", "lora"])

@@ -6,7 +6,6 @@ ordered set (dropping the padding of uneven shards), and every process computes 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from cliptransfer.clip.retrieval import retrieval_recall
 from cliptransfer.clip.zeroshot import class_embeddings, zeroshot_accuracy
 from cliptransfer.contrastive.augment import eval_transform
 from cliptransfer.contrastive.pairs import PairRecord, open_image
+from cliptransfer.fileio import iter_jsonl, read_json
 
 # Prompt templates for the Shapes world's zero-shot tasks (CLIP-style ensembles).
 SHAPES_TEMPLATES = {
@@ -61,10 +61,9 @@ class ClassifySet:
         for f in (classes_file, data_file):
             if not f.is_file():
                 raise FileNotFoundError(f"zero-shot set incomplete: {f} missing")
-        classes = {k: list(v) for k, v in json.loads(classes_file.read_text()).items()}
+        classes = {k: list(v) for k, v in read_json(classes_file).items()}
         images, labels = [], {task: [] for task in classes}
-        for line_no, line in enumerate(data_file.read_text().splitlines(), 1):
-            row = json.loads(line)
+        for line_no, row in iter_jsonl(data_file):
             images.append(str(world / row["image"]))
             for task, names in classes.items():
                 if row[task] not in names:

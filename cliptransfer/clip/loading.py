@@ -7,7 +7,6 @@ Never unpickles arbitrary objects: safetensors, `torch.load(weights_only=True)`,
 
 from __future__ import annotations
 
-import json
 import struct
 import warnings
 import zipfile
@@ -16,6 +15,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
+
+from cliptransfer.fileio import JSONFileError, read_json
 
 from .archs import CLIPConfig, get_arch
 from .convert import (
@@ -105,10 +106,13 @@ def load_state_dict_checked(model: torch.nn.Module, sd: StateDict, source: str) 
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    # Checkpoint callers catch CheckpointError; JSONFileError's text already names the place.
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"could not parse {path}: {e}") from e
+        return read_json(path)
+    except JSONFileError as e:
+        raise CheckpointError(str(e)) from e
+    except OSError as e:
+        raise CheckpointError(f"could not read {path}: {e}") from e
 
 
 def _hf_weights(folder: Path) -> StateDict:

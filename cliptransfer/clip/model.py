@@ -6,13 +6,14 @@ scalar `logit_scale`. Embeddings are unnormalized, as in OpenAI's `encode_image/
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
+
+from cliptransfer.fileio import write_json
 
 from . import grid
 from .archs import CLIPConfig, apply_overrides, get_arch
@@ -93,7 +94,7 @@ class CLIP(TextTower):
             "dtype": str(self.dtype).removeprefix("torch."),
             "config": self.config.to_dict(),
         }
-        (save_dir / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        write_json(save_dir / CONFIG_NAME, meta)
 
 
 def create_clip(arch: str | CLIPConfig, **overrides: Any) -> CLIP:

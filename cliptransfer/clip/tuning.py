@@ -14,6 +14,8 @@ from typing import Literal
 
 from torch import nn
 
+from cliptransfer.config import check, check_range
+
 LORA_TARGETS = {
     # Image-tower patterns are relative to the tower (`visual.` in CLIP, `backbone.` in tasks).
     "resnet": r"(stem|stages)\.(.*\.)?conv\w*\.conv",  # the Conv2d inside each ConvNormAct
@@ -33,6 +35,15 @@ class TuningConfig:
     lora_dropout: float = 0.0
     lora_towers: tuple[str, ...] = ("image", "text")
     bn_policy: Literal["freeze", "train"] = "freeze"
+
+    def __post_init__(self) -> None:
+        check_range("lock_image_unlocked_groups", self.lock_image_unlocked_groups, ge=0)
+        check_range("lora_r", self.lora_r, ge=1)
+        check_range("lora_alpha", self.lora_alpha, gt=0)
+        check_range("lora_dropout", self.lora_dropout, ge=0, lt=1)
+        towers = tuple(self.lora_towers)
+        ok = bool(towers) and set(towers) <= {"image", "text"}
+        check(ok, "lora_towers", "must name 'image' and/or 'text'", towers)
 
 
 def _vision_kind(clip: nn.Module) -> str:

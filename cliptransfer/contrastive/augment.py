@@ -15,6 +15,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
+from cliptransfer.config import check, check_range
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -39,6 +41,26 @@ class ImageAugConfig:
     blur_prob: float = 0.0
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
+
+    def __post_init__(self) -> None:
+        check_range("size", self.size, ge=1)
+        for i, s in enumerate(self.scale):
+            check_range(f"scale[{i}]", s, gt=0, le=1)  # fractions of the image area
+        check(
+            self.scale[0] <= self.scale[1], "scale", "must be (low, high), low <= high", self.scale
+        )
+        for i, r in enumerate(self.ratio):
+            check_range(f"ratio[{i}]", r, gt=0)  # log() of it is taken
+        check(
+            self.ratio[0] <= self.ratio[1], "ratio", "must be (low, high), low <= high", self.ratio
+        )
+        # Jitter factors are drawn from [1 - s, 1 + s]; a negative factor is an error in torchvision.
+        check_range("color_jitter", self.color_jitter, ge=0, le=1)
+        check_range("blur_prob", self.blur_prob, ge=0, le=1)
+        for i, m in enumerate(self.mean):
+            check_range(f"mean[{i}]", m, ge=0, le=1)  # of pixels in [0, 1]
+        for i, s in enumerate(self.std):
+            check_range(f"std[{i}]", s, gt=0)  # divided by
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from cliptransfer.config import check_range
 from cliptransfer.contrastive.augment import ImageAugConfig, augment_image, eda, sample_generator
 from cliptransfer.contrastive.pairs import PairRecord, open_image
 
@@ -35,6 +36,13 @@ class PairDataConfig:
     max_bad_fraction: float = 0.01  # stop when more records than this fail to decode
     max_retries: int = 16  # consecutive unreadable records before giving up on a sample
     num_workers: int = 2  # decoding + augmentation off the training process
+
+    def __post_init__(self) -> None:
+        check_range("eda_alpha", self.eda_alpha, ge=0, le=1)  # a deletion probability
+        check_range("mlm_prob", self.mlm_prob, ge=0, le=1)
+        check_range("max_bad_fraction", self.max_bad_fraction, ge=0, le=1)
+        check_range("max_retries", self.max_retries, ge=0)
+        check_range("num_workers", self.num_workers, ge=0)
 
 
 class EpochSampler(Sampler[int]):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cliptransfer.config import ConfigError, check, check_range
 from cliptransfer.contrastive.losses.clip import clip_loss
 from cliptransfer.contrastive.losses.declip import (
     FeatureQueue,
@@ -55,6 +56,23 @@ class LossConfig:
     filip_chunk: int = 64
     filip_token_keep: float = 1.0  # FILIP token selection (0.25 in the paper)
     siglip_chunk: int | None = None
+
+    def __post_init__(self) -> None:
+        # Caught here rather than when the model is built, i.e. before any data is read.
+        check(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}", self.method)
+        for name, w in self.weights.items():
+            if name not in TERMS:
+                raise ConfigError(f"weights.{name}: unknown term; terms are {', '.join(TERMS)}")
+            check_range(f"weights.{name}", w, ge=0)
+        # Bounds of exp(logit_scale), i.e. of the logit multiplier itself (not its log).
+        check_range("logit_scale_max", self.logit_scale_max, gt=0)
+        check_range("logit_scale_min", self.logit_scale_min, gt=0, le=self.logit_scale_max)
+        check_range("simclr_temperature", self.simclr_temperature, gt=0)
+        for name in ("simclr_dim", "simsiam_proj_dim", "simsiam_pred_dim", "queue_size"):
+            check_range(name, getattr(self, name), ge=1)
+        check_range("filip_chunk", self.filip_chunk, ge=1)
+        check_range("filip_token_keep", self.filip_token_keep, gt=0, le=1)
+        check_range("siglip_chunk", self.siglip_chunk, ge=1)
 
 
 def resolve_weights(cfg: LossConfig) -> dict[str, float]:

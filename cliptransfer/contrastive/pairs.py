@@ -9,13 +9,14 @@ from __future__ import annotations
 import csv
 import functools
 import io
-import json
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
+
+from cliptransfer.fileio import JSONFileError, iter_jsonl
 
 IMAGE_KEYS = ("image", "filepath", "image_path", "file_name", "img")
 TEXT_KEYS = ("caption", "title", "text", "sentence")
@@ -46,18 +47,19 @@ def _resolve(image: str, root: Path) -> str:
 def read_jsonl(path: Path, image_root: Path | None = None) -> list[PairRecord]:
     root = image_root or path.parent
     out = []
-    with path.open() as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    try:
+        for line_no, row in iter_jsonl(path):
             where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
             image = _pick(row, IMAGE_KEYS, "image", where)
             caption = _pick(row, TEXT_KEYS, "caption", where)
             out.append(PairRecord(_resolve(image, root), caption, where))
+    except JSONFileError as e:
+        if e.column is None:  # bytes that are not UTF-8: the message names line and offset
+            raise
+        # Pair sources name records "file:line", like the CSV reader and `PairRecord.source`.
+        raise ValueError(
+            f"{path}:{e.line}: malformed JSON ({e.reason}, column {e.column})"
+        ) from None
     return out
 
 

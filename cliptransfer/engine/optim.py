@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cliptransfer.config import check_range
+
 
 def decays(param: torch.Tensor) -> bool:
     """True if `param` gets weight decay: matrices and conv kernels only.
@@ -28,6 +30,17 @@ class OptimConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.0  # final lr as a fraction of the peak
     grad_clip: float = 1.0  # max grad norm; 0 disables
+
+    def __post_init__(self) -> None:
+        # A NaN lr or eps trains silently into NaN weights; refuse it when the config is built.
+        check_range("lr", self.lr, gt=0)
+        check_range("weight_decay", self.weight_decay, ge=0)
+        for i, beta in enumerate(self.betas):
+            check_range(f"betas[{i}]", beta, ge=0, lt=1)
+        check_range("eps", self.eps, gt=0)
+        check_range("warmup_steps", self.warmup_steps, ge=0)
+        check_range("min_lr_ratio", self.min_lr_ratio, ge=0, le=1)
+        check_range("grad_clip", self.grad_clip, ge=0)
 
 
 def param_groups(
@@ -151,3 +164,23 @@ def with_total_steps(specs: list[OptimizerSpec], total_steps: int) -> list[Optim
         if isinstance(s.scheduler, _DeferredSchedule):
             s.scheduler = s.scheduler.build(total_steps)
     return specs
+
+
+def sgd_step_spec(
+    module: nn.Module,
+    lr: float,
+    *,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    step_every: int,
+    gamma: float = 0.1,
+    name: str = "sgd",
+) -> OptimizerSpec:
+    """SGD over `module`'s trainable parameters with step decay (lr x gamma every `step_every`
+    optimizer steps): CLIP-ViL_p's optimizer for the CLIP backbone (lr 0.003, momentum 0, wd
+    4e-4), run beside the fusion model's AdamW as a second `OptimizerSpec`."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return OptimizerSpec(
+        name, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_every, gamma)
+    )

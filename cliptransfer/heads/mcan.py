@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cliptransfer.config import check, check_range
+
 __all__ = ["MCAN", "MCANConfig", "AttFlat", "MHAtt", "SA", "SGA"]
 
 
@@ -32,6 +34,17 @@ class MCANConfig:
     flat_glimpses: int = 1
     flat_out: int = 256
     visual_norm: bool = True  # LayerNorm on the raw visual input (see TopDownConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "heads", "ffn", "layers", "flat_mlp", "flat_glimpses", "flat_out"):
+            check_range(name, getattr(self, name), ge=1)
+        check(
+            self.hidden % self.heads == 0,
+            "hidden",
+            f"must be a multiple of heads={self.heads}",
+            self.hidden,
+        )
+        check_range("dropout", self.dropout, ge=0, lt=1)  # 1 would zero every activation
 
 
 class MHAtt(nn.Module):

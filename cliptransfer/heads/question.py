@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from cliptransfer.config import check, check_range
+
 __all__ = [
     "HFQuestionEncoder",
     "HFQuestionTokenizer",
@@ -35,6 +37,13 @@ class QuestionConfig:
     embed_dim: int = 128
     hidden: int = 256
     freeze: bool = False  # hf: keep the pretrained encoder frozen
+
+    def __post_init__(self) -> None:
+        ok = self.encoder in ("gru", "lstm") or self.encoder.startswith("hf:")
+        check(ok, "encoder", "must be 'gru', 'lstm' or 'hf:/path'", self.encoder)
+        check_range("max_length", self.max_length, ge=2)  # SOT + EOT
+        check_range("embed_dim", self.embed_dim, ge=1)
+        check_range("hidden", self.hidden, ge=1)
 
 
 def _hf_path(encoder: str) -> Path | None:

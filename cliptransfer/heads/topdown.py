@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from cliptransfer.config import check_range
+
 __all__ = ["GatedTanh", "TopDown", "TopDownConfig", "masked_softmax", "wn_linear"]
 
 
@@ -32,6 +34,12 @@ class TopDownConfig:
     # LayerNorm on the visual input: CLIP layer4 activations have a large, backbone-dependent
     # scale (BUTD's region features were ReLU means of similar scale everywhere).
     visual_norm: bool = True
+
+    def __post_init__(self) -> None:
+        check_range("hidden", self.hidden, ge=1)
+        check_range("glimpses", self.glimpses, ge=1)
+        check_range("dropout", self.dropout, ge=0, lt=1)  # 1 would zero every activation
+        check_range("classifier_dropout", self.classifier_dropout, ge=0, lt=1)
 
 
 def wn_linear(d_in: int, d_out: int) -> nn.Linear:

@@ -15,7 +15,7 @@ from cliptransfer.tokenization.base import (
     DEFAULT_CONTEXT_LENGTH,
     Tokenizer,
     attention_mask,
-    read_json,
+    read_json_object,
 )
 from cliptransfer.tokenization.clip_bpe import HF_CLIP_FILES, HF_TOKENIZER_JSON, CLIPBPETokenizer
 from cliptransfer.tokenization.spiece import (
@@ -46,14 +46,14 @@ def load_tokenizer(path: str | Path, *, context_length: int | None = None) -> To
             )
         config = path.parent / CONFIG_FILE
         if path.name == SP_MODEL_FILE and config.is_file():
-            if read_json(config).get("type") == "sentencepiece":
+            if read_json_object(config).get("type") == "sentencepiece":
                 return SentencePieceTokenizer.from_folder(
                     path.parent, context_length=context_length
                 )
         return SentencePieceTokenizer.from_file(path, context_length=context_length)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer path {path} not found")
-    config = read_json(path / CONFIG_FILE) if (path / CONFIG_FILE).is_file() else {}
+    config = read_json_object(path / CONFIG_FILE) if (path / CONFIG_FILE).is_file() else {}
     if config.get("type") == "sentencepiece":
         return SentencePieceTokenizer.from_folder(path, context_length=context_length)
     if not config and (path / SP_MODEL_FILE).is_file():

@@ -7,13 +7,14 @@ Truncation keeps SOT and EOT (drops tokens from the end), like open_clip's `toke
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from cliptransfer.fileio import read_json
 
 DEFAULT_CONTEXT_LENGTH = 77
 CONFIG_FILE = "tokenizer_config.json"
@@ -124,11 +125,9 @@ class Tokenizer(ABC):
         )
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A tokenizer config: a JSON object (bad JSON raises fileio.JSONFileError, a ValueError)."""
+    data = read_json(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data

@@ -6,7 +6,6 @@ Id layout: 0 = pad, SentencePiece ids shifted by one, then mask, SOT and EOT (th
 from __future__ import annotations
 
 import io
-import json
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,12 +13,12 @@ from typing import Any
 
 import sentencepiece as spm
 
-from cliptransfer.fileio import atomic_write_bytes
+from cliptransfer.fileio import atomic_write_bytes, write_json
 from cliptransfer.tokenization.base import (
     CONFIG_FILE,
     DEFAULT_CONTEXT_LENGTH,
     Tokenizer,
-    read_json,
+    read_json_object,
 )
 
 SP_MODEL_FILE = "tokenizer.model"
@@ -79,7 +78,7 @@ class SentencePieceTokenizer(Tokenizer):
                 f"{folder}: missing {', '.join(missing)} (a SentencePiece tokenizer folder holds "
                 f"{SP_MODEL_FILE} and {CONFIG_FILE})"
             )
-        config = read_json(config_path)
+        config = read_json_object(config_path)
         if config.get("type") != "sentencepiece":
             raise ValueError(
                 f"{config_path}: 'type' is {config.get('type')!r}, not 'sentencepiece'"
@@ -122,8 +121,7 @@ class SentencePieceTokenizer(Tokenizer):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(folder / SP_MODEL_FILE, self._model_proto)
-        text = json.dumps(self.config(), indent=2, ensure_ascii=False) + "\n"
-        atomic_write_bytes(folder / CONFIG_FILE, text.encode("utf-8"))
+        write_json(folder / CONFIG_FILE, self.config())
         return folder
 
     def _prepare(self, text: str) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
-import json
 import pickle
 import sys
 from collections.abc import Iterator
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from cliptransfer.fileio import JSONFileError, read_json
 
 from .store import FeatureStore, canonical_image_id
 from .writer import StoreWriter
@@ -128,9 +129,9 @@ def read_index(path: str | Path) -> dict[str, int]:
         raise FileNotFoundError(f"HDF5 index not found: {path}")
     if path.suffix == ".json":
         try:
-            obj = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise RegionFormatError(f"{path}: invalid JSON: {e}") from e
+            obj = read_json(path)
+        except JSONFileError as e:
+            raise RegionFormatError(str(e)) from e
     else:
         with open(path, "rb") as f:
             unpickler = _IndexUnpickler(f, encoding="latin1")  # py2 cPickle str -> str

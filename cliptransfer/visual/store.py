@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from cliptransfer.fileio import JSONFileError, read_json
+
 if TYPE_CHECKING:
     from .writer import StoreWriter
 
@@ -126,9 +128,12 @@ def _normalise_metadata(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read_json(path: Path) -> Any:
+    # Store callers catch StoreError; JSONFileError's text already names the file and place.
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        return read_json(path)
+    except JSONFileError as e:
+        raise StoreError(str(e)) from e
+    except OSError as e:
         raise StoreError(f"could not read {path}: {e}") from e
 
 

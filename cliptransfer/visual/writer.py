@@ -8,7 +8,6 @@ records; a reopened writer truncates the torn tail of its last shard and appends
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cliptransfer.config import atomic_write_text
+from cliptransfer.fileio import write_json
 
 from .store import (
     FORMAT_VERSION,
@@ -72,7 +71,7 @@ class StoreWriter:
         root.mkdir(parents=True, exist_ok=True)
         meta_path = root / METADATA_NAME
         if not meta_path.is_file():
-            atomic_write_text(meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            write_json(meta_path, meta, sort_keys=True)
         found = _read_json(meta_path)  # another rank may have written it first: same check
         check_metadata(found, {k: v for k, v in meta.items() if k not in ignore_keys}, root)
         self.metadata = found
@@ -189,9 +188,7 @@ class StoreWriter:
             os.fsync(f.fileno())
         index = {"format_version": FORMAT_VERSION, "rows": self._rows, "records": self._records}
         stem = _shard_stem(self.rank, self._shard)
-        atomic_write_text(
-            self.root / f"{stem}.index.json", json.dumps(index, separators=(",", ":"))
-        )
+        write_json(self.root / f"{stem}.index.json", index, indent=None)
         self._committed = len(self._records)
 
     def _next_shard(self) -> None:

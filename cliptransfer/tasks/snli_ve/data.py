@@ -9,9 +9,8 @@ premise as text). Every bad line is an error naming the file and line.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from cliptransfer.fileio import JSONFileError, iter_jsonl
 from cliptransfer.tasks.snli_ve.metric import SNLI_VE_LABELS
 
 __all__ = [
@@ -84,11 +84,20 @@ def _image_id(rec: dict, path: Path, lineno: int) -> str:
     raise SNLIVEDataError(f"{path}: line {lineno}: no image field ({' or '.join(IMAGE_KEYS)})")
 
 
+def _records(path: Path) -> Iterator[tuple[int, Any]]:
+    """`iter_jsonl`, with its errors (bad JSON, bytes that are not UTF-8) as SNLIVEDataError."""
+    try:
+        yield from iter_jsonl(path)
+    except JSONFileError as e:
+        raise SNLIVEDataError(str(e)) from e
+
+
 def load_snli_ve(path: str | Path, *, require_labels: bool = True) -> VESplit:
     """The pairs of one SNLI-VE JSONL file, in file order.
 
-    A `gold_label` outside entailment/neutral/contradiction, a duplicate pairID, a missing field
-    or invalid JSON is an error naming the line. `require_labels=False` accepts files without
+    A `gold_label` outside entailment/neutral/contradiction, a duplicate pairID, a missing field,
+    invalid JSON or bytes that are not UTF-8 is an SNLIVEDataError naming the file and line (and
+    the byte offset for bad bytes). `require_labels=False` accepts files without
     `gold_label` (prediction only).
     """
     path = Path(path)
@@ -96,33 +105,26 @@ def load_snli_ve(path: str | Path, *, require_labels: bool = True) -> VESplit:
         raise FileNotFoundError(f"SNLI-VE file not found: {path}")
     examples: list[VEExample] = []
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SNLIVEDataError(f"{path}: line {lineno}: invalid JSON ({e.msg})") from e
-            if not isinstance(rec, dict):
-                raise SNLIVEDataError(f"{path}: line {lineno}: expected a JSON object")
-            pair_id, hypothesis = rec.get("pairID"), rec.get("sentence2")
-            if not isinstance(pair_id, str) or not pair_id:
-                raise SNLIVEDataError(f"{path}: line {lineno}: needs a string 'pairID'")
-            if not isinstance(hypothesis, str) or not hypothesis.strip():
-                raise SNLIVEDataError(f"{path}: line {lineno} ({pair_id}): empty 'sentence2'")
-            label = rec.get("gold_label")
-            if label is None and require_labels:
-                raise SNLIVEDataError(f"{path}: line {lineno} ({pair_id}): no 'gold_label'")
-            if label is not None and label not in LABEL_IDS:
-                raise SNLIVEDataError(
-                    f"{path}: line {lineno} ({pair_id}): gold_label {label!r} is not one of "
-                    f"{', '.join(SNLI_VE_LABELS)}"
-                )
-            if pair_id in seen:
-                raise SNLIVEDataError(f"{path}: line {lineno}: duplicate pairID {pair_id!r}")
-            seen.add(pair_id)
-            examples.append(VEExample(pair_id, _image_id(rec, path, lineno), hypothesis, label))
+    for lineno, rec in _records(path):
+        if not isinstance(rec, dict):
+            raise SNLIVEDataError(f"{path}: line {lineno}: expected a JSON object")
+        pair_id, hypothesis = rec.get("pairID"), rec.get("sentence2")
+        if not isinstance(pair_id, str) or not pair_id:
+            raise SNLIVEDataError(f"{path}: line {lineno}: needs a string 'pairID'")
+        if not isinstance(hypothesis, str) or not hypothesis.strip():
+            raise SNLIVEDataError(f"{path}: line {lineno} ({pair_id}): empty 'sentence2'")
+        label = rec.get("gold_label")
+        if label is None and require_labels:
+            raise SNLIVEDataError(f"{path}: line {lineno} ({pair_id}): no 'gold_label'")
+        if label is not None and label not in LABEL_IDS:
+            raise SNLIVEDataError(
+                f"{path}: line {lineno} ({pair_id}): gold_label {label!r} is not one of "
+                f"{', '.join(SNLI_VE_LABELS)}"
+            )
+        if pair_id in seen:
+            raise SNLIVEDataError(f"{path}: line {lineno}: duplicate pairID {pair_id!r}")
+        seen.add(pair_id)
+        examples.append(VEExample(pair_id, _image_id(rec, path, lineno), hypothesis, label))
     if not examples:
         raise SNLIVEDataError(f"{path}: no pairs")
     return VESplit(path, examples)

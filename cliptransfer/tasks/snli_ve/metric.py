@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from cliptransfer.tasks.vqa.metric import check_exact_coverage, load_json_file
+from cliptransfer.fileio import iter_jsonl, read_json
+from cliptransfer.tasks.vqa.metric import check_exact_coverage
 
 SNLI_VE_LABELS: tuple[str, ...] = ("entailment", "neutral", "contradiction")
 
@@ -40,33 +40,28 @@ def snli_ve_accuracy(labels: Sequence[str], predictions: Sequence[str]) -> dict:
 
 
 def read_snli_ve_jsonl(path: str | Path) -> dict[str, str]:
-    """``{pairID: gold_label}`` from an SNLI-VE JSONL file, in file order."""
+    """``{pairID: gold_label}`` from an SNLI-VE JSONL file, in file order. Errors name the file
+    and line (and the byte offset of bytes that are not UTF-8)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"SNLI-VE data file not found: {p}")
     gold: dict[str, str] = {}
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                pair_id, label = rec["pairID"], rec["gold_label"]
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}: line {lineno}: invalid JSON ({e.msg})") from e
-            except (KeyError, TypeError) as e:
-                raise ValueError(f"{p}: line {lineno}: needs 'pairID' and 'gold_label'") from e
-            if not isinstance(pair_id, str):
-                raise ValueError(f"{p}: line {lineno}: pairID must be a string, got {pair_id!r}")
-            if label not in SNLI_VE_LABELS:
-                # SNLI's "-" (no annotator consensus) pairs are dropped by the SNLI-VE generator.
-                raise ValueError(
-                    f"{p}: line {lineno}: gold_label {label!r} is not one of "
-                    f"{', '.join(SNLI_VE_LABELS)}"
-                )
-            if pair_id in gold:
-                raise ValueError(f"{p}: line {lineno}: duplicate pairID {pair_id!r}")
-            gold[pair_id] = label
+    for lineno, rec in iter_jsonl(p):
+        try:
+            pair_id, label = rec["pairID"], rec["gold_label"]
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{p}: line {lineno}: needs 'pairID' and 'gold_label'") from e
+        if not isinstance(pair_id, str):
+            raise ValueError(f"{p}: line {lineno}: pairID must be a string, got {pair_id!r}")
+        if label not in SNLI_VE_LABELS:
+            # SNLI's "-" (no annotator consensus) pairs are dropped by the SNLI-VE generator.
+            raise ValueError(
+                f"{p}: line {lineno}: gold_label {label!r} is not one of "
+                f"{', '.join(SNLI_VE_LABELS)}"
+            )
+        if pair_id in gold:
+            raise ValueError(f"{p}: line {lineno}: duplicate pairID {pair_id!r}")
+        gold[pair_id] = label
     if not gold:
         raise ValueError(f"{p}: no examples")
     return gold
@@ -78,7 +73,7 @@ def evaluate_snli_ve_files(data_jsonl: str | Path, results_json: str | Path) -> 
     The results must cover the data's pairIDs exactly (no missing, extra or duplicate ids).
     """
     gold = read_snli_ve_jsonl(data_jsonl)
-    results = load_json_file(results_json, "SNLI-VE results")
+    results = read_json(results_json, what="SNLI-VE results")
     src = str(results_json)
     if not isinstance(results, list):
         raise ValueError(f"{src}: expected a list of {{'pairID', 'label'}} records")

@@ -7,14 +7,14 @@ Reference: hengyuan-hu/bottom-up-attention-vqa ``tools/compute_softscore.py``
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cliptransfer.tasks.vqa.metric import load_json_file, process_digit_article, process_punctuation
+from cliptransfer.fileio import read_json, write_json
+from cliptransfer.tasks.vqa.metric import process_digit_article, process_punctuation
 
 
 def normalize_answer_for_vocab(ans: str) -> str:
@@ -56,7 +56,7 @@ def build_answer_vocab(annotations: Any, min_count: int = 9) -> list[str]:
 def load_answer_vocab(path: str | Path) -> list[str]:
     """Read ``ans2label.json`` (``{answer: label}``) or ``label2ans.json`` (``[answer, ...]``);
     returns answers in label order."""
-    obj = load_json_file(path, "answer vocabulary")
+    obj = read_json(path, what="answer vocabulary")
     if isinstance(obj, list):
         if not all(isinstance(a, str) for a in obj):
             raise ValueError(f"{path}: label2ans list must contain only strings")
@@ -155,4 +155,4 @@ def vocab_coverage(
 
 def save_answer_vocab(vocab: Sequence[str], path: str | Path) -> None:
     """Write ``label2ans``-style JSON (a list), readable by :func:`load_answer_vocab`."""
-    Path(path).write_text(json.dumps(list(vocab), ensure_ascii=False), encoding="utf-8")
+    write_json(path, list(vocab), indent=None)

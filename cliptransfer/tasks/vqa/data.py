@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from cliptransfer.fileio import read_json
 from cliptransfer.tasks.vqa.answers import answer_targets, vocab_coverage
-from cliptransfer.tasks.vqa.metric import load_json_file
 
 __all__ = [
     "VQADataError",
@@ -112,7 +112,7 @@ def _get(rec: Any, name: str, types: type | tuple[type, ...], path: Path, i: int
 
 def _parse_annotations(path: Path) -> dict[int, tuple[dict, VQAQuestion]]:
     anns: dict[int, tuple[dict, VQAQuestion]] = {}
-    for i, rec in enumerate(_records(load_json_file(path, "VQA annotations"), "annotations", path)):
+    for i, rec in enumerate(_records(read_json(path, what="VQA annotations"), "annotations", path)):
         qid = _get(rec, "question_id", int, path, i)
         if qid in anns:
             raise VQADataError(f"{path}: duplicate question_id {qid} (record {i})")
@@ -145,7 +145,7 @@ def load_vqa(
     the files and the first ids; with `skip_missing` it is dropped and counted in `skipped`.
     """
     qpath = Path(questions)
-    qdata = load_json_file(qpath, "VQA questions")
+    qdata = read_json(qpath, what="VQA questions")
     qrecs = _records(qdata, "questions", qpath)
     subtype = qdata.get("data_subtype")
     anns = _parse_annotations(Path(annotations)) if annotations is not None else None

@@ -15,11 +15,12 @@ per-question accuracies, x100, rounded to 2 decimals.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from cliptransfer.fileio import read_json
 
 # Tables copied from the official vqaEval.py (ASCII-apostrophe version, 120 entries). Keys starting
 # with a capital ("Im", "Ive", "Id've", "I'dve") can never match: lookup happens after lower().
@@ -138,20 +139,6 @@ def vqa_accuracy(gt_answers: Sequence[str], prediction: str, *, legacy: bool = F
 
 
 # ----------------------------------------------------------------------------- file-level scoring
-
-
-def load_json_file(path: str | Path, what: str) -> Any:
-    """Read a JSON file; missing file / bad JSON raise errors that name the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{what} file not found: {p}")
-    try:
-        with p.open(encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(
-            f"{p}: invalid JSON in {what} file ({e.msg} at line {e.lineno}, column {e.colno})"
-        ) from e
 
 
 def _first(ids: Iterable[Any], n: int = 5) -> str:
@@ -294,11 +281,12 @@ def evaluate_vqa_files(
     *,
     legacy: bool = False,
 ) -> dict:
-    """:func:`evaluate_vqa` on files; errors name the offending file and record index."""
+    """:func:`evaluate_vqa` on files; errors name the offending file and record index, or the
+    line and column (bad JSON) or line and byte offset (bytes that are not UTF-8)."""
     questions = None
     if questions_path is not None:
-        questions = load_json_file(questions_path, "VQA questions")
-    annotations = load_json_file(annotations_path, "VQA annotations")
-    results = load_json_file(results_path, "VQA results")
+        questions = read_json(questions_path, what="VQA questions")
+    annotations = read_json(annotations_path, what="VQA annotations")
+    results = read_json(results_path, what="VQA results")
     names = (str(questions_path), str(annotations_path), str(results_path))
     return _evaluate(questions, annotations, results, legacy, names)

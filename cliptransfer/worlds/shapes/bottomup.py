@@ -24,7 +24,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 from torchvision.ops import nms
 
-from cliptransfer.fileio import atomic_write_text
+from cliptransfer.fileio import JSONFileError, read_json, write_json
 from cliptransfer.visual.regions import write_tsv
 from cliptransfer.worlds.shapes.scene import COLORS, OBJECT_SIZES, TEXTURES
 
@@ -95,9 +94,12 @@ def load_objects(world: str | Path, split: str) -> tuple[list[ObjectImage], list
             f"{path} not found: not a Shapes world (make one with `cliptransfer prepare shapes`)"
         )
     try:
-        doc = json.loads(path.read_text())
+        doc = read_json(path)
+    except JSONFileError as e:
+        raise ObjectsFormatError(str(e)) from e
+    try:
         labels, records = list(doc["labels"]), doc["images"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
         raise ObjectsFormatError(f"{path}: expected {{labels, attributes, images}} ({e})") from e
     label_idx = {name: i for i, name in enumerate(labels)}
     groups = list(ATTRIBUTE_GROUPS.values())
@@ -269,7 +271,7 @@ def _world_identity(world: Path) -> dict[str, Any]:
             f"{path} not found: {world} is not a (complete) Shapes world; make one with "
             "`cliptransfer prepare shapes`"
         )
-    manifest = json.loads(path.read_text())
+    manifest = read_json(path)
     return {k: manifest.get(k) for k in ("generator", "version", "size", "seed")}
 
 
@@ -317,7 +319,7 @@ def _get_model(
     history = {k: v for k, v in history.items() if k not in ("cls_loss", "attr_loss")}
     extra = {"settings": settings, "history": history, "val2014": evaluation}
     save_region_model(model, model_dir, extra)
-    return model, json.loads((model_dir / "config.json").read_text())
+    return model, read_json(model_dir / "config.json")
 
 
 def _write_split(
@@ -395,7 +397,7 @@ def build_bottomup_features(
     summary_path = out / "summary.json"
     summary: dict[str, Any] = {}
     if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
+        summary = read_json(summary_path)
         if summary.get("settings") != settings:
             summary = {}  # other settings: everything is remade
     summary.update(settings=settings, splits=summary.get("splits", {}), format="butd")
@@ -432,7 +434,7 @@ def build_bottomup_features(
             "boxes": stats,
             "seconds": round(time.perf_counter() - start, 2),
         }
-        atomic_write_text(summary_path, json.dumps(summary, indent=1) + "\n")
+        write_json(summary_path, summary, indent=1)
         if log:
             log(f"{split}: {len(data)} images -> {out / f'{split}.tsv'} {stats}")
     return summary

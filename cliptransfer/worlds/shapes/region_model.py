@@ -15,7 +15,6 @@ IoU >= 0.5 are foreground, random and near-object boxes with IoU < 0.3 are backg
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -30,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision.ops import Conv2dNormActivation, roi_align
 
-from cliptransfer.fileio import atomic_save_dir
+from cliptransfer.fileio import atomic_save_dir, read_json, write_json
 
 __all__ = [
     "BACKGROUND",
@@ -398,7 +397,7 @@ def save_region_model(
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_NAME))
-        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=1, sort_keys=True) + "\n")
+        write_json(tmp / CONFIG_NAME, cfg, indent=1, sort_keys=True)
 
     return atomic_save_dir(write, path)
 
@@ -409,12 +408,12 @@ def load_region_model(path: str | Path) -> tuple[RegionNet, dict[str, Any]]:
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (path / name).is_file():
             raise FileNotFoundError(f"region model folder {path} has no {name}")
+    saved = read_json(path / CONFIG_NAME)
     try:
-        saved = json.loads((path / CONFIG_NAME).read_text())
         mcfg = dict(saved["model"])
         mcfg["widths"] = tuple(mcfg["widths"])
         model = RegionNet(RegionModelConfig(**mcfg))
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
         raise ValueError(f"{path / CONFIG_NAME}: not a region model config ({e})") from e
     state = load_file(str(path / WEIGHTS_NAME))
     try:

@@ -7,13 +7,14 @@ once `manifest.json` (written last) is complete.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from cliptransfer.fileio import read_json, write_json
 
 from . import formats
 from .annotators import most_frequent, snli_labels, vqa_answers
@@ -284,7 +285,7 @@ def _generate(root: Path, size: str, spec: WorldSize, seed: int) -> None:
         "files": files,
     }
     # Written last: its presence marks a complete world.
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    write_json(root / "manifest.json", manifest, indent=1)
 
 
 def _read_manifest(out: Path) -> dict | None:
@@ -292,8 +293,8 @@ def _read_manifest(out: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        manifest = read_json(path)
+    except (OSError, ValueError):  # unreadable: not a world of ours
         return None
     return (
         manifest if isinstance(manifest, dict) and manifest.get("generator") == GENERATOR else None
