@@ -27,7 +27,9 @@ def _prepare_shapes(args: argparse.Namespace) -> int:
     from cliptransfer.worlds.shapes import prepare_shapes
 
     out = prepare_shapes(args.out, size=args.size, seed=args.seed, overwrite=args.overwrite)
-    manifest = json.loads((Path(out) / "manifest.json").read_text())
+    from cliptransfer.fileio import read_json
+
+    manifest = read_json(Path(out) / "manifest.json")
     print(json.dumps({"out": str(out), "counts": manifest.get("counts", {})}, indent=2))
     return 0
 

@@ -18,7 +18,6 @@ matplotlib only when the plot is drawn: `cliptransfer --help` stays fast.
 from __future__ import annotations
 
 import codecs
-import json
 import math
 import os
 import re
@@ -30,7 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from cliptransfer.fileio import atomic_write_bytes, atomic_write_text
+from cliptransfer.fileio import (
+    JSONFileError,
+    atomic_write_bytes,
+    atomic_write_text,
+    read_json,
+    write_json,
+)
 
 FEATURES = ("clip-grid", "bottomup")
 # Set by compare for each setting; a user override of these would make the settings identical.
@@ -193,9 +198,9 @@ def _stream(cmd: list[str], log_path: Path, echo: TextIO) -> int:
 
 def _read_metrics(spec: TaskSpec, setting: Setting, path: Path) -> dict[str, Any]:
     try:
-        metrics = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CompareError(f"setting {setting.name!r}: {path} is not valid JSON: {e}") from None
+        metrics = read_json(path)
+    except JSONFileError as e:
+        raise CompareError(f"setting {setting.name!r}: {e}") from None
     val = metrics.get("val")
     if not isinstance(val, dict) or spec.overall not in val:
         raise CompareError(
@@ -212,7 +217,7 @@ def _run_setting(
     """(metrics, reused): run the setting, or reuse what an earlier run of `record` finished."""
     metrics_path, record_path = run_dir / "metrics.json", run_dir / RECORD
     if metrics_path.is_file() and not rerun:
-        old = json.loads(record_path.read_text()) if record_path.is_file() else None
+        old = read_json(record_path) if record_path.is_file() else None
         if old != record:
             raise CompareError(
                 f"setting {setting.name!r}: {metrics_path} exists but was not made by this "
@@ -221,7 +226,7 @@ def _run_setting(
         log(f"{where} {setting.name}: reusing {metrics_path} (finished earlier; --rerun reruns)")
         return _read_metrics(spec, setting, metrics_path), True
     metrics_path.unlink(missing_ok=True)  # metrics.json now means: this record's run finished
-    atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
+    write_json(record_path, record)
     log_path = run_dir / "compare.log"
     log(f"{where} {setting.name}: {shlex.join(cmd)}")
     try:
@@ -393,7 +398,7 @@ def run_compare(
     atomic_write_bytes(out / "compare.png", plot_png(spec, rows, priors))
     result = {"task": task, "columns": list(spec.columns), "rows": rows, "prior": priors,
               "overrides": list(overrides), "launcher": launcher, "script": str(path)}  # fmt: skip
-    atomic_write_text(out / "compare.json", json.dumps(result, indent=2) + "\n")
+    write_json(out / "compare.json", result)
     log(table)
     log(f"wrote {out / 'compare.md'}, {out / 'compare.png'}, {out / 'compare.json'}")
     return result

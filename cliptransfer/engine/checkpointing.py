@@ -12,7 +12,6 @@ complete. Everything is read back with safetensors or `torch.load(weights_only=T
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from cliptransfer.fileio import atomic_save_dir, atomic_write_text
+from cliptransfer.fileio import atomic_save_dir, atomic_write_text, read_json, write_json
 
 __all__ = [
     "CheckpointError",
@@ -141,11 +140,11 @@ def save_checkpoint(
             for i, opt in enumerate(_as_list(optimizers)):
                 torch.save(opt.state_dict(), tmp / _numbered("optimizer", i, ".pt"))
             for i, sched in enumerate(_as_list(schedulers)):
-                (tmp / _numbered("scheduler", i, ".json")).write_text(
-                    json.dumps(sched.state_dict())
+                write_json(
+                    tmp / _numbered("scheduler", i, ".json"), sched.state_dict(), indent=None
                 )
             meta = dict(state.__dict__, world_size=world_size)
-            (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+            write_json(tmp / "trainer_state.json", meta, sort_keys=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         pointer = root / "latest"
@@ -235,7 +234,7 @@ def load_checkpoint(
     names the differing keys. A damaged file is a `CheckpointError` naming it.
     """
     path = Path(path)
-    meta = _read(path / "trainer_state.json", "trainer state", lambda p: json.loads(p.read_text()))
+    meta = _read(path / "trainer_state.json", "trainer state", read_json)
     world = meta.pop("world_size", 1)
     state = TrainerState(**meta)
     if config is not None:
@@ -256,7 +255,7 @@ def load_checkpoint(
         opt.load_state_dict(_read(f, "optimizer state", lambda p: torch.load(p, weights_only=True)))
     for i, sched in enumerate(_as_list(schedulers)):
         f = path / _numbered("scheduler", i, ".json")
-        sched.load_state_dict(_read(f, "schedule", lambda p: json.loads(p.read_text())))
+        sched.load_state_dict(_read(f, "schedule", read_json))
     rng_file = path / f"rng-rank{rank}.pt"
     if not rng_file.is_file():
         raise FileNotFoundError(

@@ -10,7 +10,6 @@ the CLIP image tower's grid of the pixels (end2end).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from cliptransfer.engine.evaluation import peak_memory, predict
 from cliptransfer.engine.loop import FitResult
 from cliptransfer.engine.run import save_run_config
 from cliptransfer.engine.task import Task
+from cliptransfer.fileio import read_json
 from cliptransfer.heads.model import HeadConfig, shapes_head
 from cliptransfer.heads.question import QuestionConfig, build_question_tokenizer
 from cliptransfer.tasks.vl_model import (
@@ -242,7 +242,7 @@ class VLTask(Task):
 
 
 def read_meta(folder: str | Path) -> dict[str, Any]:
-    return json.loads((Path(folder) / "meta.json").read_text())
+    return read_json(Path(folder) / "meta.json", what="best-model meta")
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:

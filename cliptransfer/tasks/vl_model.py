@@ -5,7 +5,6 @@ attached, and the best-model folder written and read back (merged weights + adap
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from cliptransfer.adapters import AdapterConfig
 from cliptransfer.clip.tuning import TuningConfig
 from cliptransfer.config import ConfigError
 from cliptransfer.engine.optim import trainable_summary
-from cliptransfer.fileio import atomic_save_dir
+from cliptransfer.fileio import atomic_save_dir, read_json, write_json
 from cliptransfer.heads.model import VLModel, build_head
 from cliptransfer.visual.backbone import GridBackbone
 from cliptransfer.visual.extract import load_backbone
@@ -54,7 +53,7 @@ def save_model_dir(
             elif isinstance(content, str):
                 (tmp / name).write_text(content)
             else:
-                (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+                write_json(tmp / name, content)
 
     return atomic_save_dir(write, folder)
 
@@ -101,7 +100,7 @@ def save_best_dir(
 
 def check_visual_dim(folder: str | Path, side: ImageSide) -> None:
     """A best/ folder evaluated on features of another width is an error naming both."""
-    meta = json.loads((Path(folder) / "meta.json").read_text())
+    meta = read_json(Path(folder) / "meta.json", what="best-model meta")
     if int(meta["visual_dim"]) != side.dim:
         raise ValueError(
             f"{side.where or 'the image side'} gives {side.dim}-channel features but "
