@@ -13,12 +13,20 @@ non-native size is built with `force_image_size` and loaded with open_clip's `re
 
 Variants, each timed on the same preprocessed pixel batch (forward pass only):
   open_clip fp32        open_clip's visual tower as above, torch.no_grad
+  open_clip bf16        the same under bf16 autocast, as open_clip_train's --precision amp_bf16
+                        runs it (default: where the CPU has native bf16; --peer-precision)
   ours fp32             `CLIP.encode_grid(pixels)` under torch.no_grad (`extract_grids(fast=False)`)
-  ours fast             what extract_grids runs by default: `models.inference.inference_tower`
+  ours fast fp32        what extract_grids runs by default: `clip.inference.inference_tower`
                         (ResNets: BatchNorm folded into the convs, channels_last weights and
-                        input), torch.inference_mode, bf16 autocast only where the CPU has native
-                        bf16 (AVX512-BF16 / AMX, from /proc/cpuinfo; --bf16 on forces it).
+                        input), torch.inference_mode
+  ours fast bf16        + bf16 autocast (`extract_grids(dtype="bfloat16")`, `--dtype bfloat16`):
+                        only where the CPU has native bf16 (AVX512-BF16 / AMX, from
+                        /proc/cpuinfo; --bf16 on forces it)
   open_clip +channels_last   (ResNets, --peer-fast) the same memory-format change on the peer
+  open_clip ... (inference_mode)   (--peer-inference-mode) open_clip under torch.inference_mode,
+                        the context of open_clip_train's evaluate and zero-shot code
+"open_clip best" is the faster of the open_clip fp32 / bf16 rows; the CPU's features and the
+load average are printed with the tables.
 Rounds of one batch per variant, order reversed every round, warm-up dropped, median reported,
 with the minor page faults per image: at these input sizes most activations are 32 MiB or more,
 which glibc serves as fresh mmaps that the kernel zero-fills page by page on every forward.
@@ -38,10 +46,8 @@ normalise, the state-dict hash and the batch-1 probe forward done once per call,
 from __future__ import annotations
 
 import argparse
-import ctypes
 import math
 import platform
-import resource
 import shutil
 import statistics
 import sys
@@ -51,19 +57,28 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import open_clip
 import torch
-from open_clip_peer import native_bf16_cpu, open_clip_model, ours_from_open_clip
-from PIL import Image
+from extract_e2e import bench_extract
+from machine import cpu_features, keep_freed_memory, load_average, minor_faults, native_bf16_cpu
+from open_clip_peer import (
+    PEER_PRECISIONS,
+    check_pos_embed,
+    open_clip_at_size,
+    open_clip_grid,
+    open_clip_model,
+    ours_from_open_clip,
+    peer_autocast,
+    peer_label,
+    randomize_batchnorm_,
+    ratio_columns,
+)
 
 from cliptransfer.clip import CLIP
-from cliptransfer.clip.archs import CLIPConfig, get_arch
-from cliptransfer.clip.grid import encode_grid, resample_pos_embed
+from cliptransfer.clip.archs import get_arch
+from cliptransfer.clip.grid import encode_grid
 from cliptransfer.clip.inference import inference_tower
-from cliptransfer.contrastive.pairs import open_image
-from cliptransfer.visual.extract import extract_grids, load_backbone, parse_size, preprocess
-from cliptransfer.visual.store import FeatureStore
+from cliptransfer.visual.extract import parse_size
 
 DEFAULT_SIZES = {
     "RN50": "600x1000",
@@ -71,78 +86,6 @@ DEFAULT_SIZES = {
     "RN-tiny": "96x160",
     "ViT-tiny": "96x160",
 }
-
-
-def keep_freed_memory() -> bool:
-    """glibc: serve every allocation from the heap and never give freed memory back to the OS
-    (mallopt M_MMAP_MAX = 0 and M_TRIM_THRESHOLD = -1, i.e. SIZE_MAX: the same as running with
-    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=18446744073709551615). By default blocks of 32 MiB
-    and more (most activations at these input sizes) are fresh mmaps, zero-filled page by page
-    by the kernel on every forward. Call before any large allocation. False where not glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-4, 0)) and bool(libc.mallopt(-1, -1))
-    except (OSError, AttributeError):
-        return False
-
-
-def minor_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def randomize_batchnorm_(model: torch.nn.Module, g: torch.Generator) -> None:
-    """Non-trivial BatchNorm affine parameters and running statistics.
-
-    open_clip zero-initialises every bottleneck's last BN scale (bn3), so a freshly built
-    ModifiedResNet's residual branches output exactly zero and an equality check would only see
-    the shortcut path. Speed is unaffected (the same kernels run either way)."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.25)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-
-
-def open_clip_at_size(
-    arch: str, cfg: CLIPConfig, ref: torch.nn.Module, size: tuple[int, int]
-) -> torch.nn.Module:
-    """`ref` for a `size` input. ResNets run at any size up to layer4 (only the attention pool,
-    unused here, is tied to 224). ViTs: open_clip's usual route, a model built for the size
-    (`force_image_size`) loaded through `resize_pos_embed`, with antialias=False like ours."""
-    native = cfg.vision.image_size
-    if cfg.vision.kind == "resnet" or size == (native, native):
-        return ref
-    model = open_clip_model(arch, cfg, image_size=size)
-    sd = ref.state_dict()
-    open_clip.model.resize_pos_embed(sd, model, interpolation="bicubic", antialias=False)
-    model.load_state_dict(sd)
-    return model.eval()
-
-
-def open_clip_grid(visual: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """(B, 3, H, W) -> (B, H'*W', C) grid features with open_clip's `forward_intermediates`."""
-    if isinstance(visual, open_clip.modified_resnet.ModifiedResNet):
-
-        def resnet(pixels: torch.Tensor) -> torch.Tensor:
-            out = visual.forward_intermediates(pixels, indices=[4], intermediates_only=True)
-            return out["image_intermediates"][0].flatten(2).transpose(1, 2)  # layer4
-
-        return resnet
-
-    def vit(pixels: torch.Tensor) -> torch.Tensor:
-        out = visual.forward_intermediates(
-            pixels,
-            indices=1,  # the last block
-            normalize_intermediates=True,  # ln_post
-            intermediates_only=True,
-            output_fmt="NLC",  # class token already split off
-        )
-        return out["image_intermediates"][0]
-
-    return vit
 
 
 @dataclass
@@ -156,13 +99,13 @@ class Variant:
 
 def make_variants(
     arch: str, args: argparse.Namespace, size: tuple[int, int], bf16: bool
-) -> tuple[list[Variant], CLIP]:
+) -> tuple[list[Variant], list[str], CLIP]:
+    """The variants (open_clip ones first), the open_clip variants' names, our fp32 CLIP."""
     cfg = get_arch(arch)
     torch.manual_seed(args.seed)
     ref = open_clip_model(arch, cfg).eval()
     randomize_batchnorm_(ref, torch.Generator().manual_seed(args.seed))
     ours32 = ours_from_open_clip(arch, ref).eval()
-    ours_fast = ours_from_open_clip(arch, ref).eval()
     peer = open_clip_at_size(arch, cfg, ref, size)
     resnet = cfg.vision.kind == "resnet"
     if not resnet:
@@ -170,27 +113,42 @@ def make_variants(
     pixels = torch.randn(args.batch, 3, *size, generator=torch.Generator().manual_seed(args.seed))
     peer_grid = open_clip_grid(peer.visual)
 
-    def open_clip_fp32() -> torch.Tensor:
-        with torch.no_grad():
-            return peer_grid(pixels)
+    def open_clip_run(precision: str, inference: bool = False) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            with torch.inference_mode() if inference else torch.no_grad(), peer_autocast(precision):
+                return peer_grid(pixels)
+
+        return run
 
     def ours_fp32() -> torch.Tensor:
         with torch.no_grad():  # extract_grids' context
             return ours32.encode_grid(pixels)[0]
 
-    tower, channels_last = inference_tower(ours_fast.visual)
+    tower, channels_last = inference_tower(ours_from_open_clip(arch, ref).eval().visual)
 
-    def ours_fast_run() -> torch.Tensor:
-        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-            # The conversion is part of the cost: a loader hands over contiguous NCHW batches.
-            x = pixels.contiguous(memory_format=torch.channels_last) if channels_last else pixels
-            return encode_grid(tower, x)[0]
+    def ours_fast(bf16: bool) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                # The conversion is part of the cost: a loader hands over contiguous NCHW batches.
+                x = (
+                    pixels.contiguous(memory_format=torch.channels_last)
+                    if channels_last
+                    else pixels
+                )
+                return encode_grid(tower, x)[0]
 
-    variants = [
-        Variant("open_clip fp32", open_clip_fp32),
-        Variant("ours fp32", ours_fp32),
-        Variant("ours fast" + (" (bf16)" if bf16 else ""), ours_fast_run),
-    ]
+        return run
+
+    peers = [Variant(peer_label(p), open_clip_run(p)) for p in args.peer_precision]
+    if args.peer_inference_mode:  # the context open_clip_train's evaluate / zero_shot use
+        peers += [
+            Variant(f"{peer_label(p)} (inference_mode)", open_clip_run(p, inference=True))
+            for p in args.peer_precision
+        ]
+    variants = peers + [Variant("ours fp32", ours_fp32)]
+    if bf16:  # what extract_grids(dtype="bfloat16") runs
+        variants.append(Variant("ours fast bf16", ours_fast(True)))
+    variants.append(Variant("ours fast fp32", ours_fast(False)))  # extract_grids' default
     if resnet and args.peer_fast:
         peer_cl = open_clip_model(arch, cfg).eval()
         peer_cl.load_state_dict(ref.state_dict())
@@ -202,29 +160,7 @@ def make_variants(
                 return peer_cl_grid(pixels.contiguous(memory_format=torch.channels_last))
 
         variants.append(Variant("open_clip +channels_last", open_clip_cl))
-    return variants, ours32
-
-
-def check_pos_embed(
-    arch: str, cfg: CLIPConfig, ref: torch.nn.Module, peer: torch.nn.Module, size: tuple[int, int]
-) -> None:
-    """Our resampled ViT position embedding vs open_clip's resize_pos_embed (both antialias
-    False), and how far open_clip's default (antialias=True: PIL's a=-0.5 cubic) is from it."""
-    p = cfg.vision.patch_size
-    grid_hw = (size[0] // p, size[1] // p)
-    old = cfg.vision.image_size // p
-    pos = ref.visual.positional_embedding.detach()
-    ours = resample_pos_embed(pos[None], grid_hw, (old, old))[0]
-    diff = (ours - peer.visual.positional_embedding.detach()).abs().max().item()
-    sd = {"visual.positional_embedding": pos.clone()}
-    open_clip.model.resize_pos_embed(sd, peer)  # defaults: bicubic, antialias=True
-    aa = (ours - sd["visual.positional_embedding"]).abs().max().item()
-    print(
-        f"[{arch}] position embedding {old}x{old} -> {grid_hw[0]}x{grid_hw[1]}: ours vs open_clip "
-        f"resize_pos_embed(antialias=False) max |diff| {diff:.1e}; vs its default antialias=True "
-        f"{aa:.1e} (max |pos| {pos.abs().max().item():.2f})",
-        flush=True,
-    )
+    return variants, [v.name for v in peers], ours32
 
 
 def run_interleaved(
@@ -254,89 +190,6 @@ def run_interleaved(
             print(f"  {repeats} timed rounds ({round_s:.1f} s each)", file=sys.stderr, flush=True)
 
 
-def write_jpegs(folder: Path, n: int, size: tuple[int, int], seed: int) -> list[Path]:
-    """n smooth random RGB JPEGs of (H, W) = size (quality 90): upsampled noise, so the files
-    are photo-sized (~50-150 KB at 480x640) rather than incompressible noise."""
-    rng = np.random.default_rng(seed)
-    files = []
-    for i in range(n):
-        small = rng.integers(0, 256, (size[0] // 16, size[1] // 16, 3), dtype=np.uint8)
-        img = Image.fromarray(small).resize((size[1], size[0]), Image.Resampling.BICUBIC)
-        noise = rng.normal(0, 12, (size[0], size[1], 3))
-        img = Image.fromarray(np.clip(np.asarray(img) + noise, 0, 255).astype(np.uint8))
-        path = folder / f"img_{i:05d}.jpg"
-        img.save(path, quality=90)
-        files.append(path)
-    return files
-
-
-def bench_extract(
-    arch: str, ours: CLIP, args: argparse.Namespace, size: tuple[int, int], root: Path
-) -> list[str]:
-    """extract_grids end to end vs the forward pass alone on the same images, interleaved."""
-    n = args.extract_images
-    folder = root / f"{arch}-jpeg"
-    folder.mkdir()
-    files = write_jpegs(folder, n, args.jpeg_size, args.seed)
-    mb = sum(f.stat().st_size for f in files) / 2**20
-    times: dict[str, list[float]] = {"forward": [], "extract": []}
-    parts: dict[str, list[float]] = {"decode": [], "hash": [], "probe": [], "write": []}
-
-    def forward(pixels: torch.Tensor) -> None:
-        # The same model and batching as extract_grids, on already preprocessed pixels.
-        with torch.no_grad():
-            for s in range(0, n, args.batch):
-                ours.encode_grid(pixels[s : s + args.batch])
-
-    def extract(out: Path) -> None:
-        stats = extract_grids(ours, folder, out, size=size, batch_size=args.batch)
-        assert stats["written"] == n, stats
-
-    for r in range(args.extract_repeats):
-        start = time.perf_counter()
-        pixels = torch.stack([preprocess(open_image(str(f)), size) for f in files])
-        parts["decode"].append(time.perf_counter() - start)
-        calls = [("forward", forward, pixels), ("extract", extract, root / f"store-{arch}-{r}")]
-        for name, fn, arg in calls[:: 1 if r % 2 == 0 else -1]:
-            start = time.perf_counter()
-            fn(arg)
-            times[name].append(time.perf_counter() - start)
-            print(f"  {arch} {name} x{n}: {times[name][-1]:.2f} s", file=sys.stderr, flush=True)
-        # The fixed per-call parts of extract_grids, timed alone.
-        start = time.perf_counter()
-        load_backbone(ours)  # sha256 of the state dict, for the store's metadata
-        parts["hash"].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        with torch.no_grad():
-            probe, _ = ours.encode_grid(torch.zeros(1, 3, *size))  # its grid-size probe
-        parts["probe"].append(time.perf_counter() - start)
-        feats = probe.expand(n, -1, -1)
-        start = time.perf_counter()
-        meta = {"kind": "grid", "grid_size": [1, feats.shape[1]], "channels": feats.shape[2]}
-        with FeatureStore.create(root / f"write-{arch}-{r}", meta) as writer:
-            for i in range(n):
-                writer.add(str(i), feats[i], image_w=args.jpeg_size[1], image_h=args.jpeg_size[0])
-        parts["write"].append(time.perf_counter() - start)
-        shutil.rmtree(root / f"store-{arch}-{r}")
-        shutil.rmtree(root / f"write-{arch}-{r}")
-    fwd, ext = statistics.median(times["forward"]), statistics.median(times["extract"])
-    med = {k: statistics.median(v) for k, v in parts.items()}
-    print(
-        f"[{arch}] extract_grids on {n} JPEGs ({args.jpeg_size[0]}x{args.jpeg_size[1]}, "
-        f"{mb:.1f} MB) at {size[0]}x{size[1]}, batch {args.batch}: forward alone {fwd:.2f} s, "
-        f"extract_grids {ext:.2f} s; parts timed alone add up to "
-        f"{fwd + sum(med.values()):.2f} s",
-        flush=True,
-    )
-    # One row: end-to-end throughput, then the parts: per call (paid once per extract_grids
-    # call, i.e. per rank and per resume) and per image.
-    return [
-        f"| {arch} | {size[0]}x{size[1]} | {n} | {n / fwd:.3g} | {n / ext:.3g} | "
-        f"**{fwd / ext:.2f}x** | {med['hash']:.2g} | {med['probe']:.3g} | "
-        f"{fwd / n:.3g} | {1000 * med['decode'] / n:.3g} | {1000 * med['write'] / n:.2g} |"
-    ]
-
-
 def count(x: float) -> str:
     return f"{x / 1000:.0f}k" if x >= 10_000 else f"{x:.0f}"
 
@@ -350,8 +203,10 @@ def listing(times: list[float]) -> str:
 
 def bench_arch(arch: str, args: argparse.Namespace, bf16: bool, root: Path) -> tuple[list, list]:
     size = args.sizes.get(arch) or parse_size(DEFAULT_SIZES.get(arch, "448x448"))
-    variants, ours32 = make_variants(arch, args, size, bf16)
+    variants, peers, ours32 = make_variants(arch, args, size, bf16)
+    load_before = load_average()
     run_interleaved(variants, args.warmup, args.repeats, args.budget)
+    load = f"load average {load_before} before, {load_average()} after"
     base = variants[0]
     grid_n, channels = base.first.shape[1:]
     scale = base.first.abs().max().item()
@@ -363,16 +218,25 @@ def bench_arch(arch: str, args: argparse.Namespace, bf16: bool, root: Path) -> t
             f"{diff / scale:.1e})",
             flush=True,
         )
-    base_med, base_min = statistics.median(base.times), min(base.times)
+    medians = {v.name: statistics.median(v.times) for v in variants}
+    best, cells = ratio_columns(medians, peers)
+    fastest = min(min(v.times) for v in variants if v.name in peers)
     rows = []
     for v in variants:
-        med = statistics.median(v.times)
+        med = medians[v.name]
         rows.append(
             f"| {arch} | {size[0]}x{size[1]} | {v.name} | {med:.4g} | {args.batch / med:.3g} | "
-            f"**{base_med / med:.2f}x** | {base_min / min(v.times):.2f}x | "
+            f"{cells[v.name]} | {fastest / min(v.times):.2f}x | "
             f"{count(statistics.median(v.faults) / args.batch)} | {listing(v.times)} |"
         )
-    extract_rows = [] if args.no_extract else bench_extract(arch, ours32, args, size, root)
+    ours = "ours fast bf16" if bf16 else "ours fast fp32"
+    dtype = "extract_grids(dtype='bfloat16')" if bf16 else "extract_grids()"
+    print(
+        f"[{arch}] ours ({dtype}) {args.batch / medians[ours]:.3g} images/s vs open_clip best "
+        f"({best}) {args.batch / medians[best]:.3g}: {medians[best] / medians[ours]:.2f}x; {load}",
+        flush=True,
+    )
+    extract_rows = [] if args.no_extract else bench_extract(arch, ours32, args, size, root, bf16)
     return rows, extract_rows
 
 
@@ -406,6 +270,14 @@ def main(argv: list[str] | None = None) -> None:
         help="bf16 autocast in 'ours fast' (auto: only with native bf16)",
     )
     parser.add_argument(
+        "--peer-precision",
+        nargs="+",
+        choices=PEER_PRECISIONS,
+        default=None,
+        help="open_clip under fp32 and/or bf16 autocast (amp_bf16) (default: fp32, plus amp_bf16 "
+        "where ours uses bf16)",
+    )
+    parser.add_argument(
         "--peer-fast",
         action="store_true",
         help="also time open_clip's ResNet with channels_last + inference_mode",
@@ -416,6 +288,12 @@ def main(argv: list[str] | None = None) -> None:
         default="system",
         help="keep: glibc keeps freed memory for reuse instead of unmapping it (both sides alike; "
         "see keep_freed_memory)",
+    )
+    parser.add_argument(
+        "--peer-inference-mode",
+        action="store_true",
+        help="also time open_clip under torch.inference_mode (as its evaluate/zero_shot run it) "
+        "instead of no_grad",
     )
     parser.add_argument("--no-extract", action="store_true", help="skip the extract_grids part")
     parser.add_argument("--extract-images", type=int, default=None, help="default: 2 x batch")
@@ -450,11 +328,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     native = native_bf16_cpu()
     bf16 = {"auto": native, "on": True, "off": False}[args.bf16]
+    default_peers = ["fp32", "amp_bf16"] if bf16 else ["fp32"]
+    args.peer_precision = list(dict.fromkeys(args.peer_precision or default_peers))
     print(
-        f"torch {torch.__version__}, open_clip {open_clip.__version__}, {platform.machine()} "
-        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-        f"{torch.get_num_threads()} threads, native bf16: {'yes' if native else 'no'}, "
-        f"malloc: {args.malloc}"
+        f"torch {torch.__version__}, open_clip {open_clip.__version__}, {platform.machine()}, "
+        f"{torch.get_num_threads()} thread(s), native bf16: {'yes' if native else 'no'}, "
+        f"malloc: {args.malloc}\nCPU: {cpu_features()}\n"
+        f"load average (1/5/15 min) at start: {load_average()}"
     )
     if not bf16:
         print(
@@ -476,10 +356,14 @@ def main(argv: list[str] | None = None) -> None:
             extract_rows += e
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    names = [peer_label(p) for p in args.peer_precision]
+    if args.peer_inference_mode:
+        names += [f"{n} (inference_mode)" for n in names]
+    peers = " | ".join(f"vs {n}" for n in names)
     print(
         f"\n| arch | input HxW | variant | median s/batch ({args.batch}) | images/s "
-        "| vs open_clip fp32 (median) | (fastest batch) | page faults/image | timed batches (s) |"
-        "\n|---|---|---|---|---|---|---|---|---|"
+        f"| vs open_clip best | {peers} | (fastest batch vs open_clip's fastest) "
+        "| page faults/image | timed batches (s) |\n" + "|---" * (9 + len(names)) + "|"
     )
     print("\n".join(rows))
     if extract_rows:
@@ -490,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
             "\n|---|---|---|---|---|---|---|---|---|---|---|"
         )
         print("\n".join(extract_rows))
+
+    print(f"\nCPU: {cpu_features()}\nload average at end: {load_average()}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import Literal
 from torch import nn
 
 from cliptransfer.clip.tuning import LORA_TARGETS
-from cliptransfer.config import check_range
+from cliptransfer.config import check, check_range
 from cliptransfer.engine.optim import trainable_summary
 
 METHODS = ("lora", "loha", "ia3")
@@ -37,8 +37,13 @@ class AdapterConfig:
     # only the backbone is adapted, else the classifier.
     modules_to_save: list[str] = field(default_factory=list)
     bn_policy: Literal["freeze", "train"] = "freeze"
+    # The CLIP towers the backbone scope adapts: a task's backbone is the image tower only;
+    # pretraining (backbone = the whole CLIP) may add "text".
+    towers: list[str] = field(default_factory=lambda: ["image"])
 
     def __post_init__(self) -> None:
+        ok = bool(self.towers) and set(self.towers) <= {"image", "text"}
+        check(ok, "towers", "must name 'image' and/or 'text'", list(self.towers))
         check_range("r", self.r, ge=1)
         check_range("alpha", self.alpha, gt=0)
         check_range("dropout", self.dropout, ge=0, lt=1)
@@ -81,11 +86,14 @@ def prepare_base(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
     return model
 
 
-def backbone_targets(model: nn.Module, prefix: str = "backbone.") -> list[str]:
-    """Full names of the image-tower modules the preset adapts (ResNet convs / ViT linears)."""
+def backbone_targets(
+    model: nn.Module, prefix: str = "backbone.", towers: tuple[str, ...] = ("image",)
+) -> list[str]:
+    """Full names of the tower modules the presets adapt (ResNet convs / ViT linears for the
+    image tower, attention out_proj / MLP for the text tower)."""
     names = []
     for kind, pattern in LORA_TARGETS.items():
-        if kind == "text":
+        if ("text" if kind == "text" else "image") not in towers:
             continue
         rx = re.compile(rf"{re.escape(prefix)}(.*\.)?{pattern}")
         names += [n for n, m in model.named_modules() if rx.fullmatch(n) and _adaptable(m)]
@@ -123,7 +131,7 @@ def wrap(model: nn.Module, cfg: AdapterConfig, backbone_prefix: str = "backbone"
         save += [n for n, m in model.named_modules() if isinstance(m, _BN)]
     targets: list[str] = []
     if cfg.scope in ("backbone", "both"):
-        targets += backbone_targets(model, backbone_prefix + ".")
+        targets += backbone_targets(model, backbone_prefix + ".", tuple(cfg.towers))
     if cfg.scope in ("fusion", "both"):
         targets += fusion_targets(model, (backbone_prefix, *cfg.modules_to_save))
     if not targets:

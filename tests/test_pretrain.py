@@ -82,7 +82,7 @@ def test_lock_image_and_lora_train_only_what_they_should(tiny_world, tmp_path):
 
     _run(
         tiny_world, tmp_path / "lora", f"model.init={init / 'final'}", "train.max_steps=2",
-        "tuning.peft=lora", "optim.lr=0.05",
+        "peft.method=lora", "optim.lr=0.05",
     )  # fmt: skip
     lora = load_file(str(tmp_path / "lora" / "final" / "model.safetensors"))
     assert lora.keys() == before.keys()  # adapters merged: a plain CLIP checkpoint

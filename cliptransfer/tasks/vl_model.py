@@ -60,11 +60,6 @@ def save_model_dir(
 
 def check_tuning(mode: str, tuning: TuningConfig, peft: AdapterConfig) -> None:
     """Reject settings that contradict each other before any work starts."""
-    if tuning.peft is not None:
-        raise ConfigError(
-            "tuning.peft is the pretraining script's LoRA; task scripts take "
-            f"--set peft.method={tuning.peft} (with peft.r, peft.alpha, peft.bn_policy)"
-        )
     if peft.method != "none" and mode == "end2end" and tuning.lock_image:
         raise ConfigError("peft adapters on a locked backbone: drop tuning.lock_image")
     if peft.method != "none" and mode == "features" and peft.scope == "backbone":

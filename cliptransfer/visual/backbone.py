@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import nn
 
@@ -17,14 +15,13 @@ class GridBackbone(nn.Module):
     """A CLIP image tower as an end-to-end grid encoder: pixels (B, 3, H, W) -> (B, H*W, C).
 
     `tuning` decides what trains (see `cliptransfer.clip.tuning`): nothing locked = full fine-tuning,
-    `lock_image` = frozen (run without autograd), `peft="lora"` = LoRA adapters on the convs /
-    ViT blocks. Only the image tower is kept; the text tower is dropped.
+    `lock_image` = frozen (run without autograd); adapters are attached to the whole task model
+    by `cliptransfer.adapters` (peft.method=...). Only the image tower is kept; the text tower is dropped.
     """
 
     def __init__(self, clip: nn.Module, tuning: TuningConfig | None = None) -> None:
         super().__init__()
-        tuning = dataclasses.replace(tuning or TuningConfig(), lora_towers=("image",))
-        apply_tuning(clip, tuning)
+        apply_tuning(clip, tuning or TuningConfig())
         self.visual = clip.visual
         self.frozen = not any(p.requires_grad for p in self.visual.parameters())
         self.channels = int(

@@ -8,6 +8,7 @@ JSONL / CSV / webdataset shards / `datasets` folder. After training the CLIP is 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ import torch
 from accelerate.utils import set_seed
 from torch import nn
 
+from cliptransfer import adapters
+from cliptransfer.adapters import AdapterConfig
 from cliptransfer.clip import create_clip, load_clip
 from cliptransfer.clip.evaluation import ClassifySet, RetrievalSet, evaluate_clip
 from cliptransfer.clip.tuning import TuningConfig, apply_tuning, export_clip
@@ -64,7 +67,11 @@ class PretrainConfig(RunConfig):
     world: WorldConfig = field(default_factory=WorldConfig)
     data: PairDataConfig = field(default_factory=PairDataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    tuning: TuningConfig = field(default_factory=TuningConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)  # lock_image / lock_text
+    # PEFT adapters on the CLIP towers (the loss terms' heads train in full), merged into final/
+    peft: AdapterConfig = field(
+        default_factory=lambda: AdapterConfig(scope="backbone", towers=["image", "text"])
+    )
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
     train: PretrainTrainConfig = field(default_factory=PretrainTrainConfig)
@@ -118,25 +125,30 @@ class ContrastiveTask(Task):
 
         # ---- model + the heads of the enabled loss terms, tuning policy (lock / LoRA)
         set_seed(cfg.train.seed)
-        model = ContrastiveModel(
+        base = ContrastiveModel(
             build_clip(cfg, tokenizer.vocab_size, tokenizer.context_length), cfg.loss
         )
-        apply_tuning(model.clip, cfg.tuning)
+        apply_tuning(base.clip, cfg.tuning)
+        if cfg.train.fast_kernels:
+            base.clip.trim_text_padding = True
+            if base.clip.config.vision.kind == "resnet":
+                base.clip.visual.to(memory_format=torch.channels_last)
+        model: nn.Module = base
+        if cfg.peft.method != "none":
+            model, targets = adapters.wrap(base, cfg.peft, backbone_prefix="clip")
+            run.print(f"PEFT {cfg.peft.method} (r={cfg.peft.r}) on {len(targets)} modules of the "
+                      f"{' and '.join(cfg.peft.towers)} tower(s)")  # fmt: skip
         trainable, total = trainable_summary(model)
         run.print(f"model {cfg.model.arch}: {total:,} params, {trainable:,} trainable "
-                  f"({100 * trainable / total:.2f}%); loss terms {model.weights}")  # fmt: skip
-        tokenizer.context_length = model.clip.context_length
-        self.image_size = model.clip.image_size
-        cfg.data.second_view = cfg.data.second_view or needs_second_view(model.weights)
-        cfg.data.text_aug = cfg.data.text_aug or "mvs" in model.weights
-        if "mlm" in model.weights and cfg.data.mlm_prob == 0:
+                  f"({100 * trainable / total:.2f}%); loss terms {base.weights}")  # fmt: skip
+        tokenizer.context_length = base.clip.context_length
+        self.image_size = base.clip.image_size
+        cfg.data.second_view = cfg.data.second_view or needs_second_view(base.weights)
+        cfg.data.text_aug = cfg.data.text_aug or "mvs" in base.weights
+        if "mlm" in base.weights and cfg.data.mlm_prob == 0:
             cfg.data.mlm_prob = 0.15
         cfg.data.image.size = cfg.data.view.size = self.image_size
         save_run_config(run)
-        if cfg.train.fast_kernels:
-            model.clip.trim_text_padding = True
-            if model.clip.config.vision.kind == "resnet":
-                model.clip.visual.to(memory_format=torch.channels_last)
         self.model = model
         self.train_data = PairDataset(train, tokenizer, cfg.data, seed=cfg.train.seed)
         self.collate = collate_pairs
@@ -202,7 +214,10 @@ class ContrastiveTask(Task):
 
     def report(self, result: Any) -> dict[str, Any]:
         if self.run.is_main:
-            clip = self.run.accelerator.unwrap_model(self.model).clip
+            model = self.run.accelerator.unwrap_model(self.model)
+            if self.cfg.peft.method != "none":  # fold the adapters into a copy of the weights
+                model = adapters.merge(copy.deepcopy(model))
+            clip = model.clip
             final = self.run.out / "final"
             atomic_save_dir(export_clip(clip).save_pretrained, final)
             self.tokenizer.save(final / "tokenizer")

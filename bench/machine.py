@@ -1,0 +1,139 @@
+"""What the benchmarks print about the machine: the CPU features each figure came from, the load
+average during the run, this machine's fp32 / bf16 GEMM rate and FLOP counts of a step (so a
+figure can be read against what the CPU can do), glibc malloc settings and page-fault counts.
+Shared by contrastive_step.py and grid_extract.py (run as `python bench/X.py`, so this folder
+is on sys.path)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+# The flags that decide which kernels oneDNN/MKL can use: AVX2 (fp32 FMA, bf16 emulated),
+# AVX-512F, AVX512-BF16 (native bf16 dot products), AMX (bf16 tile matmul).
+FEATURE_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU", set()
+    model, flags = "unknown CPU", set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model == "unknown CPU":
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    return model, flags
+
+
+def native_bf16_cpu() -> bool:
+    """True if the CPU computes bf16 natively (AVX512-BF16 or AMX). Without it, oneDNN emulates
+    bf16 by converting to fp32, and autocast is usually slower than plain fp32."""
+    return bool(_cpuinfo()[1] & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_features() -> str:
+    """One line: model name, logical CPUs, which of FEATURE_FLAGS are present / absent, torch's
+    dispatch level. E.g. "AMD EPYC, 2 CPUs; avx2 avx512f avx512_bf16, no amx_bf16 ..."."""
+    model, flags = _cpuinfo()
+    have = [f for f in FEATURE_FLAGS if f in flags]
+    lack = [f for f in FEATURE_FLAGS if f not in flags]
+    return (
+        f"{model}, {os.cpu_count()} logical CPUs; flags: {' '.join(have) or '-'}"
+        + (f"; absent: {' '.join(lack)}" if lack else "")
+        + f"; torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    )
+
+
+def load_average() -> str:
+    """1-, 5-, 15-minute load average (includes the benchmark's own threads while it runs)."""
+    try:
+        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def gemm_rates(n: int = 2048, repeats: int = 9) -> dict[str, float]:
+    """This machine's fp32 and bf16 GEMM rate in GFLOP/s on the current torch thread count: an
+    (n, n) @ (n, n) matmul (2 n^3 FLOPs), the two dtypes interleaved, 2 warm-up calls each,
+    median of `repeats`. bf16 here is what autocast hands to oneDNN for Linear/matmul."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    pairs = {"fp32": (a, b), "bf16": (a.bfloat16(), b.bfloat16())}
+    times: dict[str, list[float]] = {k: [] for k in pairs}
+    for i in range(2 + repeats):
+        for name, (x, y) in pairs.items() if i % 2 == 0 else reversed(pairs.items()):
+            start = time.perf_counter()
+            torch.mm(x, y)
+            if i >= 2:
+                times[name].append(time.perf_counter() - start)
+    return {k: 2 * n**3 / statistics.median(v) / 1e9 for k, v in times.items()}
+
+
+def _cpu_sdpa(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_sdpa_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# torch's registry knows the CUDA attention kernels only; the CPU flash kernel (what SDPA runs
+# here, ours and open_clip's nn.MultiheadAttention alike) gets the same dense formula.
+_CPU_ATTENTION = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward,
+}
+
+
+def count_flops(fn: Callable[[], object]) -> tuple[object, int]:
+    """Run `fn` once under torch.utils.flop_counter.FlopCounterMode; (its result, FLOPs). Counts
+    matmuls, convolutions and attention (forward and backward, 2 FLOPs per multiply-add; causal
+    attention counted dense); elementwise ops, norms and the optimizer are not counted, so the
+    figure is the GEMM-like work."""
+    with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION) as counter:
+        out = fn()
+    return out, counter.get_total_flops()
+
+
+def fraction_line(
+    label: str, flops: int, seconds: float, rates: dict[str, float], what: str = "step"
+) -> str:
+    """ "<label>: 9.6 GFLOP per step ... = 61 GFLOP/s: 14% of the machine's bf16 GEMM rate, ..."
+    for one variant (`rates` from `gemm_rates`)."""
+    achieved = flops / seconds / 1e9
+    parts = [
+        f"{100 * achieved / rates[k]:.0f}% of the machine's {k} GEMM rate" for k in ("bf16", "fp32")
+    ]
+    return (
+        f"{label}: {flops / 1e9:.1f} GFLOP per {what} (FlopCounterMode) in {seconds:.3f} s = "
+        f"{achieved:.0f} GFLOP/s: {parts[0]}, {parts[1]}"
+    )
+
+
+def keep_freed_memory() -> bool:
+    """glibc: serve every allocation from the heap and never give freed memory back to the OS
+    (mallopt M_MMAP_MAX = 0 and M_TRIM_THRESHOLD = -1, i.e. SIZE_MAX: the same as running with
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=18446744073709551615). By default blocks of 32 MiB
+    and more (most activations at these input sizes) are fresh mmaps, zero-filled page by page
+    by the kernel on every forward. Call before any large allocation. False where not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-4, 0)) and bool(libc.mallopt(-1, -1))
+    except (OSError, AttributeError):
+        return False
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
