@@ -111,7 +111,7 @@ def _extract_grid(args: argparse.Namespace) -> int:
 
 
 def _import_regions(args: argparse.Namespace) -> int:
-    from cliptransfer.visual.regions import import_regions
+    from cliptransfer.visual.region_import import import_regions
 
     stats = import_regions(
         args.paths, args.out, skip_bad=args.skip_bad, storage=args.storage, index=args.index

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from cliptransfer.visual.regions import detect_format, import_regions, iter_regions
+from cliptransfer.visual.region_import import import_regions
+from cliptransfer.visual.regions import detect_format, iter_regions
 from cliptransfer.visual.store import FeatureStore
 from cliptransfer.worlds.shapes.bottomup import (
     ObjectsFormatError,

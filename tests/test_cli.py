@@ -128,7 +128,7 @@ def test_unknown_size_is_a_clean_error(tmp_path, capsys):
 def test_extract_grid_and_import_regions(tiny_world, tmp_path, capsys):
     import numpy as np
 
-    from cliptransfer.visual.regions import write_tsv
+    from cliptransfer.visual.region_import import write_tsv
     from cliptransfer.visual.store import FeatureStore
 
     store = tmp_path / "grids"

@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from cliptransfer.visual.region_import import import_regions, write_tsv
 from cliptransfer.visual.regions import (
     RegionFormatError,
     UnsafePickleError,
     detect_format,
-    import_regions,
     iter_regions,
     read_index,
-    write_tsv,
 )
 from cliptransfer.visual.store import FeatureStore
 

@@ -25,7 +25,11 @@ __all__ = ["HeadConfig", "VLModel", "build_head", "shapes_head"]
 
 @dataclass
 class HeadConfig:
-    arch: str = "topdown"  # a registered head (cliptransfer.heads.registry): topdown, mcan, ...
+    """`model` of a task config. The task configs (VQA, SNLI-VE) start from `shapes_head()`, the
+    small MCAN below; the per-head sections' own defaults are what a YAML gets for a field it
+    leaves out."""
+
+    arch: str = "mcan"  # a registered head (cliptransfer.heads.registry): mcan, topdown, ...
     spatial: bool = True  # feed the normalised box of each cell/region
     topdown: TopDownConfig = dataclasses.field(default_factory=TopDownConfig)
     mcan: MCANConfig = dataclasses.field(default_factory=MCANConfig)

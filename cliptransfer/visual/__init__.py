@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from .extract import extract_grids, parse_size
-from .regions import RegionFormatError, UnsafePickleError, import_regions, iter_regions
+from .region_import import import_regions, write_tsv
+from .regions import RegionFormatError, UnsafePickleError, iter_regions
 from .store import (
     FeatureStore,
     MissingFeatureError,
@@ -28,4 +29,5 @@ __all__ = [
     "iter_regions",
     "parse_coco_id",
     "parse_size",
+    "write_tsv",
 ]

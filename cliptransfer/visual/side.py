@@ -26,7 +26,7 @@ from cliptransfer.clip.tuning import TuningConfig
 from cliptransfer.visual.backbone import GridBackbone
 from cliptransfer.visual.extract import extract_grids, load_backbone, parse_size
 from cliptransfer.visual.inputs import PixelInputs, StoreInputs
-from cliptransfer.visual.regions import import_regions
+from cliptransfer.visual.region_import import import_regions
 from cliptransfer.visual.store import FeatureStore, check_metadata
 
 __all__ = ["FeatureConfig", "ImageSide", "image_side", "prepare_feature_store"]

@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchvision.ops import nms
 
 from cliptransfer.fileio import JSONFileError, read_json, write_json
-from cliptransfer.visual.regions import write_tsv
+from cliptransfer.visual.region_import import write_tsv
+from cliptransfer.worlds.shapes.boxes import NMS_THRESH, box_iou_np, make_proposals, select_boxes
 from cliptransfer.worlds.shapes.scene import COLORS, OBJECT_SIZES, TEXTURES
 
 from .region_model import (
@@ -44,10 +44,7 @@ from .region_model import (
     RegionModelConfig,
     RegionNet,
     RegionTrainConfig,
-    box_iou_np,
-    clip_boxes,
     evaluate_region_model,
-    jitter_boxes,
     load_images,
     load_region_model,
     save_region_model,
@@ -76,7 +73,6 @@ SPLIT_IMAGES = {
 ATTRIBUTE_GROUPS = {"colour": list(COLORS), "size": list(OBJECT_SIZES), "texture": list(TEXTURES)}
 # generate_tsv.py settings: (conf_thresh, MIN_BOXES, MAX_BOXES).
 BOX_MODES = {"adaptive": (0.2, 10, 100), "fixed36": (0.4, 36, 36)}
-NMS_THRESH = 0.3  # cfg.TEST.NMS
 
 
 class ObjectsFormatError(ValueError):
@@ -140,65 +136,6 @@ def load_objects(world: str | Path, split: str) -> tuple[list[ObjectImage], list
 def _seed(*keys: Any) -> np.random.Generator:
     digest = hashlib.sha256("/".join(map(str, keys)).encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
-
-
-def make_proposals(image: ObjectImage, rng: np.random.Generator, n: int = 100) -> np.ndarray:
-    """(n, 4) float32 proposals, like an RPN's: per object 4 tight and 4 loose jittered boxes and
-    2 part boxes, then background boxes; clipped, at least 2 px a side, in shuffled order."""
-    w, h, gt = image.width, image.height, image.boxes.astype(np.float64)
-    if w < 3 or h < 3:
-        raise ValueError(f"{image.path}: {w}x{h} is too small for region proposals")
-    parts = []
-    if len(gt):
-        # A part: 40-70% of the object's width or height, anchored at a random side.
-        p = np.repeat(gt, 2, axis=0)
-        frac = rng.uniform(0.4, 0.7, len(p))
-        side = rng.integers(0, 4, len(p))  # 0 left, 1 top, 2 right, 3 bottom
-        bw, bh = p[:, 2] - p[:, 0], p[:, 3] - p[:, 1]
-        p[side == 0, 2] = p[side == 0, 0] + frac[side == 0] * bw[side == 0]
-        p[side == 1, 3] = p[side == 1, 1] + frac[side == 1] * bh[side == 1]
-        p[side == 2, 0] = p[side == 2, 2] - frac[side == 2] * bw[side == 2]
-        p[side == 3, 1] = p[side == 3, 3] - frac[side == 3] * bh[side == 3]
-        parts = [jitter_boxes(rng, gt, 4, 0.05), jitter_boxes(rng, gt, 4, 0.15), p]
-    boxes = np.concatenate(parts) if parts else np.zeros((0, 4))
-    while True:  # backgrounds: anywhere, or pushed off an object
-        near = jitter_boxes(rng, gt, 2, 0.6) if len(gt) else np.zeros((0, 4))
-        side = np.exp(rng.uniform(np.log(6), np.log(60), (n, 1))) * [1, 1]
-        xy = rng.uniform(0, 1, (n, 2)) * np.maximum([w, h] - side, 1)
-        boxes = np.concatenate([boxes, near, np.concatenate([xy, xy + side], 1)])
-        boxes = clip_boxes(boxes, w, h)
-        boxes = boxes[(boxes[:, 2] - boxes[:, 0] >= 2) & (boxes[:, 3] - boxes[:, 1] >= 2)]
-        if len(boxes) >= n:
-            break
-    return boxes[rng.permutation(len(boxes))[:n]].astype(np.float32)
-
-
-def select_boxes(
-    boxes: np.ndarray,
-    scores: np.ndarray,
-    *,
-    conf_thresh: float,
-    min_boxes: int,
-    max_boxes: int,
-    nms_thresh: float = NMS_THRESH,
-) -> np.ndarray:
-    """generate_tsv.py's box selection: scores (P, 1 + C), column 0 background -> kept indices.
-
-    max_conf = each box's best score among the classes whose NMS it survives; keep max_conf >=
-    conf_thresh in proposal order, else (too few / too many) the top min_boxes / max_boxes by
-    max_conf, ties by the raw best class score, then index.
-    """
-    boxes_t = torch.from_numpy(np.ascontiguousarray(boxes, np.float32))
-    max_conf = np.zeros(len(boxes))
-    for c in range(1, scores.shape[1]):
-        s = scores[:, c]
-        keep = nms(boxes_t, torch.from_numpy(s.astype(np.float32)), nms_thresh).numpy()
-        max_conf[keep] = np.where(s[keep] > max_conf[keep], s[keep], max_conf[keep])
-    keep_boxes = np.flatnonzero(max_conf >= conf_thresh)
-    if min_boxes <= len(keep_boxes) <= max_boxes:
-        return keep_boxes
-    order = np.lexsort((np.arange(len(boxes)), -scores[:, 1:].max(1), -max_conf))
-    return order[: min_boxes if len(keep_boxes) < min_boxes else max_boxes]
 
 
 @torch.inference_mode()

@@ -30,6 +30,7 @@ from torch import nn
 from torchvision.ops import Conv2dNormActivation, roi_align
 
 from cliptransfer.fileio import atomic_save_dir, read_json, write_json
+from cliptransfer.worlds.shapes.boxes import box_iou_np, clip_boxes, jitter_boxes, random_boxes
 
 __all__ = [
     "BACKGROUND",
@@ -104,45 +105,6 @@ class ObjectImage:
     attrs: np.ndarray  # per group, indices into that group's values
 
 
-def box_iou_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of (N, 4) and (M, 4) boxes in continuous coordinates -> (N, M)."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
-
-
-def clip_boxes(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Clip to [0, w-1] x [0, h-1], Faster R-CNN's `clip_boxes` (BUTD boxes stay inside)."""
-    out = boxes.copy()
-    out[:, 0::2] = np.clip(out[:, 0::2], 0, width - 1)
-    out[:, 1::2] = np.clip(out[:, 1::2], 0, height - 1)
-    return out
-
-
-def _random_boxes(rng: np.random.Generator, n: int, width: int, height: int) -> np.ndarray:
-    # Sides 6-60 px, log-uniform, so small and large backgrounds are both common.
-    w = np.exp(rng.uniform(math.log(6), math.log(60), n))
-    h = w * np.exp(rng.uniform(-0.5, 0.5, n))
-    x1 = rng.uniform(0, 1, n) * np.maximum(width - w, 1)
-    y1 = rng.uniform(0, 1, n) * np.maximum(height - h, 1)
-    return np.stack([x1, y1, x1 + w, y1 + h], 1)
-
-
-def jitter_boxes(rng: np.random.Generator, boxes: np.ndarray, k: int, sigma: float) -> np.ndarray:
-    """k copies of each box: centre shifted by N(0, sigma*side), sides scaled by exp(N(0, sigma))
-    -> (len(boxes) * k, 4), grouped by box."""
-    b = np.repeat(boxes, k, axis=0)
-    w, h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
-    cx = (b[:, 0] + b[:, 2]) / 2 + rng.normal(0, sigma, len(b)) * w
-    cy = (b[:, 1] + b[:, 3]) / 2 + rng.normal(0, sigma, len(b)) * h
-    w = w * np.exp(rng.normal(0, sigma, len(b)))
-    h = h * np.exp(rng.normal(0, sigma, len(b)))
-    return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
-
-
 def sample_rois(
     image: ObjectImage, rng: np.random.Generator, cfg: RegionTrainConfig
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -163,7 +125,7 @@ def sample_rois(
     for _ in range(8):  # a few tries: crowded scenes reject many candidates
         near = jitter_boxes(rng, gt, 4, 0.6) if len(gt) else np.zeros((0, 4))
         c = clip_boxes(
-            np.concatenate([_random_boxes(rng, 4 * cfg.rois_per_image, w, h), near]), w, h
+            np.concatenate([random_boxes(rng, 4 * cfg.rois_per_image, w, h), near]), w, h
         )
         c = c[(c[:, 2] - c[:, 0] >= 2) & (c[:, 3] - c[:, 1] >= 2)]
         if len(gt):
@@ -356,7 +318,7 @@ def evaluate_region_model(
         images = load_images(chunk)
         rois, n_gt = [], []
         for b, d in enumerate(chunk):
-            bg = _random_boxes(_rng(seed, 3, s + b), 8, d.width, d.height)
+            bg = random_boxes(_rng(seed, 3, s + b), 8, d.width, d.height)
             bg = clip_boxes(bg, d.width, d.height)
             if len(d.boxes):
                 bg = bg[box_iou_np(bg, d.boxes).max(1) < 0.3]
