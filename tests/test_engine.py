@@ -254,3 +254,14 @@ def test_two_optimizers_step_schedule_and_resume_exactly(tmp_path):
     assert resumed["val"] == full["val"] and resumed["history"][-1] == full["history"][-1]
     wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_precision_auto_is_bf16_where_it_is_native(monkeypatch):
+    from cliptransfer.engine import run as run_module
+
+    monkeypatch.setattr(run_module.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(run_module, "native_bf16_cpu", lambda: True)
+    assert run_module.resolve_precision("auto", cpu=True) == "bf16"
+    monkeypatch.setattr(run_module, "native_bf16_cpu", lambda: False)
+    assert run_module.resolve_precision("auto", cpu=True) == "no"  # emulated bf16 is slower
+    assert run_module.resolve_precision("fp16", cpu=True) == "fp16"  # an explicit choice stays

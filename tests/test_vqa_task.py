@@ -213,6 +213,25 @@ def test_two_processes_score_like_one(tiny_world: Path, tmp_path: Path):
     assert one["val"] == two["val"]
 
 
+def test_two_processes_train_like_one_with_dropout_off(tiny_world: Path, tmp_path: Path):
+    from accelerate import debug_launcher
+
+    # 286 train questions in global batches of 16: the last batch (14) splits 7 + 7.
+    extra = ["train.epochs=1", "model.mcan.dropout=0", "model.arch=mcan"]
+    one = vqa.main(_args(tiny_world, tmp_path / "one", tmp_path / "cache", *extra))
+    debug_launcher(_two_process_run, args=(_args(tiny_world, tmp_path / "two", tmp_path / "cache",
+                                                 *extra),), num_processes=2)  # fmt: skip
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["steps"] == one["steps"] == 18 and two["samples_seen"] == one["samples_seen"] == 286
+    assert two["history"][0]["train_loss"] == pytest.approx(
+        one["history"][0]["train_loss"], rel=1e-5
+    )
+    wa = load_file(str(tmp_path / "one" / "best" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "two" / "best" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
 def test_resume_from_epoch_checkpoint_equals_uninterrupted(tiny_world: Path, tmp_path: Path):
     cache = tmp_path / "cache"
     common = ["train.epochs=2", "train.keep_last=2"]

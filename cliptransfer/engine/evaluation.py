@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import resource
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from torch import nn
 
 __all__ = ["peak_memory", "predict"]
@@ -14,9 +15,9 @@ __all__ = ["peak_memory", "predict"]
 
 @torch.no_grad()
 def predict(
-    accelerator: Any,
+    accelerator: Accelerator,
     model: nn.Module,
-    loader: Any,
+    loader: Iterable[dict[str, Any]],
     step: Callable[[nn.Module, dict[str, Any]], dict[str, torch.Tensor]],
 ) -> dict[str, torch.Tensor]:
     """Run `step(model, batch) -> {name: (B, ...) tensor}` over a prepared loader and gather the

@@ -29,6 +29,7 @@ from cliptransfer.engine.checkpointing import (
     load_checkpoint,
     save_checkpoint,
 )
+from cliptransfer.engine.config import TrainConfig
 from cliptransfer.engine.optim import with_total_steps
 from cliptransfer.engine.run import Run
 from cliptransfer.engine.task import Task
@@ -155,6 +156,7 @@ def fit(run: Run, task: Task) -> FitResult:
         loss_sum = torch.tensor(state.extra["epoch_loss"][0], dtype=torch.float32)
         loss_n = state.extra["epoch_loss"][1]
         for micro in plan:
+            step_loss = torch.zeros((), dtype=torch.float32)  # this process's share of the mean
             for i, mb in enumerate(micro):
                 batch = send_to_device(next(batches), acc.device)
                 sync = i == len(micro) - 1 or world == 1
@@ -164,6 +166,7 @@ def fit(run: Run, task: Task) -> FitResult:
                     _check_finite(run, task, terms, batch, state)
                     loss = terms["loss"] if mb.weight == 1.0 else terms["loss"] * mb.weight
                     acc.backward(loss)
+                step_loss += loss.detach().float().cpu()
             if task.cfg.optim.grad_clip > 0:
                 acc.clip_grad_norm_(model.parameters(), task.cfg.optim.grad_clip)
             for opt, sched in zip(optimizers, schedulers):
@@ -175,7 +178,9 @@ def fit(run: Run, task: Task) -> FitResult:
             state.batches_in_epoch += 1
             state.samples_seen += micro[0].global_size
             train_samples += micro[0].global_size
-            loss_sum += terms["loss"].detach().float().cpu()
+            if world > 1:  # the global batch's mean loss, the same number on every process
+                step_loss = acc.reduce(step_loss.to(acc.device), "mean").cpu()
+            loss_sum += step_loss
             loss_n += 1
             state.extra["epoch_loss"] = (loss_sum.item(), loss_n)
             bar.update(1)
@@ -216,7 +221,7 @@ def fit(run: Run, task: Task) -> FitResult:
     )
 
 
-def _due(cfg: Any, step: int, last_save: float) -> bool:
+def _due(cfg: TrainConfig, step: int, last_save: float) -> bool:
     due = bool(cfg.save_every_steps and step % cfg.save_every_steps == 0)
     if cfg.save_every_minutes:
         # Clocks differ across processes: rank 0 decides, everyone follows.

@@ -58,7 +58,7 @@ def resolve_precision(precision: str, cpu: bool) -> str:
 class Run:
     """One launch: its config, flags, Accelerator and output folder."""
 
-    cfg: Any  # the task's config dataclass (a RunConfig)
+    cfg: RunConfig  # the task's config dataclass (extends RunConfig)
     args: argparse.Namespace
     accelerator: Accelerator
     written: list[Path] = field(default_factory=list)  # files this run wrote (for reports)

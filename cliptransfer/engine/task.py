@@ -38,6 +38,7 @@ from torch.utils.data import Dataset
 if TYPE_CHECKING:
     import argparse
 
+    from cliptransfer.engine.config import RunConfig
     from cliptransfer.engine.optim import OptimizerSpec
     from cliptransfer.engine.run import Run
 
@@ -68,7 +69,7 @@ class Task:
     # The TensorBoard run name under train.out_dir.
     tracker: ClassVar[str] = "task"
 
-    def __init__(self, cfg: Any, run: Run) -> None:
+    def __init__(self, cfg: RunConfig, run: Run) -> None:
         self.cfg, self.run = cfg, run
         self.model: nn.Module | None = None
         self.train_data: Dataset | None = None
@@ -104,7 +105,7 @@ class Task:
         return args.config
 
     @classmethod
-    def apply_arguments(cls, cfg: Any, args: argparse.Namespace) -> None:
+    def apply_arguments(cls, cfg: RunConfig, args: argparse.Namespace) -> None:
         """Fold task flags into the loaded config; check settings that contradict each other
         (a ConfigError is printed as a usage error before any work starts)."""
 
