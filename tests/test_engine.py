@@ -265,3 +265,29 @@ def test_precision_auto_is_bf16_where_it_is_native(monkeypatch):
     monkeypatch.setattr(run_module, "native_bf16_cpu", lambda: False)
     assert run_module.resolve_precision("auto", cpu=True) == "no"  # emulated bf16 is slower
     assert run_module.resolve_precision("fp16", cpu=True) == "fp16"  # an explicit choice stays
+
+
+def test_a_registered_task_appears_in_the_cli_and_compare(capsys):
+    # What adding a task package does: its @register_task is all the CLI and compare need.
+    from cliptransfer.cli import main
+    from cliptransfer.compare import _spec
+    from cliptransfer.engine import CompareColumns, EvaluateCommand, register_task, registered
+    from cliptransfer.engine.task import _REGISTRY
+
+    def add_args(p):
+        p.add_argument("--value", type=float, required=True)
+
+    @register_task("toy-eval", config=ToyConfig, launcher="tests/test_engine.py",
+                   compare=CompareColumns("mse", "parts", ("a",), "zero predictor"),
+                   evaluate=EvaluateCommand("toy metric", add_args, lambda a: {"mse": a.value}))  # fmt: skip
+    class ToyEval(ToyTask):
+        pass
+
+    try:
+        assert "toy-eval" in registered()
+        assert main(["evaluate", "toy-eval", "--value", "0.25"]) == 0
+        assert json.loads(capsys.readouterr().out) == {"mse": 0.25}
+        spec = _spec("toy-eval")
+        assert spec.columns == ("mse", "a") and spec.launcher == "tests/test_engine.py"
+    finally:
+        del _REGISTRY["toy-eval"]
