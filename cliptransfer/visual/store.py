@@ -108,8 +108,8 @@ def _normalise_metadata(meta: dict[str, Any]) -> dict[str, Any]:
     meta.setdefault("format_version", FORMAT_VERSION)
     meta.setdefault("dtype", "float32")
     kind = meta.get("kind")
-    if kind not in ("grid", "regions"):
-        raise StoreError(f"metadata kind must be 'grid' or 'regions', got {kind!r}")
+    if kind not in ("grid", "regions", "views"):
+        raise StoreError(f"metadata kind must be 'grid', 'regions' or 'views', got {kind!r}")
     if meta["dtype"] not in STORAGE_DTYPES:
         raise StoreError(f"metadata dtype must be one of {list(STORAGE_DTYPES)}: {meta['dtype']!r}")
     if not isinstance(meta.get("channels"), int) or meta["channels"] <= 0:
@@ -118,6 +118,9 @@ def _normalise_metadata(meta: dict[str, Any]) -> dict[str, Any]:
         gs = meta.get("grid_size")
         if not (isinstance(gs, list) and len(gs) == 2 and all(isinstance(v, int) for v in gs)):
             raise StoreError(f"grid stores need metadata grid_size [h, w], got {gs!r}")
+    if kind == "views" and not (isinstance(meta.get("views"), int) and meta["views"] > 0):
+        # navigation: one row per discretised view of a viewpoint (36 for R2R), keyed scan_vp
+        raise StoreError(f"views stores need metadata views (e.g. 36), got {meta.get('views')!r}")
     fields = meta.setdefault("row_fields", {"boxes": ["float32", 4]} if kind == "regions" else {})
     for name, spec in fields.items():
         if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name == "features":

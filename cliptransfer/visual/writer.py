@@ -154,6 +154,10 @@ class StoreWriter:
         gh, gw = self.metadata.get("grid_size") or (0, 0)
         if self.metadata["kind"] == "grid" and n != gh * gw:
             raise StoreError(f"{what}: {n} feature rows but the {gh}x{gw} grid has {gh * gw}")
+        if self.metadata["kind"] == "views" and n != self.metadata["views"]:
+            raise StoreError(
+                f"{what}: {n} feature rows but the store holds {self.metadata['views']} views"
+            )
         arrays = {"features": feats}
         for name, value in fields.items():
             fdtype, width = self._specs[name]
