@@ -1,0 +1,90 @@
+"""render_view follows MatterSim's rendering rules; expected views worked out from those rules on
+asymmetric synthetic skyboxes (which face, which corner, which row order)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cliptransfer.nav.render import load_skybox, render_view, sample_cubemap
+
+IDENTITY = np.eye(4).reshape(-1).tolist()
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255)]
+
+
+def _strip(n: int = 8) -> np.ndarray:
+    return np.concatenate([np.full((n, n, 3), c, np.uint8) for c in COLOURS], axis=1)
+
+
+@pytest.mark.parametrize(
+    "heading, elevation, face",
+    [
+        # identity pose: l = Rz(-(pi + h)) Rx(pi/2 - e) (0, 0, -1); heading 0 -> -Y = strip face 5
+        (0.0, 0.0, 5),
+        (math.pi / 2, 0.0, 4),  # -X
+        (math.pi, 0.0, 0),  # +Y
+        (3 * math.pi / 2, 0.0, 2),  # +X
+        (0.0, math.pi / 2, 3),  # -Z
+        (0.0, -math.pi / 2, 1),  # +Z
+    ],
+)
+def test_view_centre_comes_from_the_face_the_rules_select(heading, elevation, face):
+    view = render_view(_strip(), IDENTITY, heading, elevation, width=32, height=24)
+    assert view.shape == (24, 32, 3) and view.dtype == np.uint8
+    assert tuple(view[12, 16]) == COLOURS[face]
+
+
+def test_row_and_column_order_match_mattersim():
+    # Face 5 (-Y, seen at heading 0): image top half red, bottom half blue; left half of each row
+    # darker. With l = (-x_c, -1, y_c): t = (1 - y_c)/2, s = (1 - x_c)/2, so output row 0
+    # (y_c < 0: glReadPixels' bottom row) shows the face's BOTTOM rows, and output column 0
+    # (x_c < 0) the face's RIGHT half.
+    n = 8
+    face = np.zeros((n, n, 3), np.uint8)
+    face[: n // 2] = (200, 0, 0)
+    face[n // 2 :] = (0, 0, 200)
+    face[:, : n // 2] //= 2
+    strip = _strip(n)
+    strip[:, 5 * n : 6 * n] = face
+    view = render_view(strip, IDENTITY, 0.0, 0.0, width=40, height=30, vfov=math.radians(40))
+    assert tuple(view[0, 0]) == (0, 0, 200)  # bottom-left of state.rgb: face bottom-right
+    assert tuple(view[29, 0]) == (200, 0, 0)  # last row: face top-right
+    assert tuple(view[0, 39]) == (0, 0, 100)  # right column: face left half (darker)
+
+
+def test_bilinear_texel_centres_and_clamp_to_edge():
+    n = 2
+    face = np.array([[0, 100], [200, 60]], np.uint8)[..., None].repeat(3, axis=2)
+    faces = [np.zeros((n, n, 3), np.uint8)] * 6
+    faces = [face if k == 5 else f for k, f in enumerate(faces)]
+    # The face centre lies between the 4 texel centres: their mean.
+    assert sample_cubemap(faces, np.array([[0.0, -1.0, 0.0]]))[0, 0] == 90
+    # A corner direction (s, t -> 0 on -Y: sc = x, tc = -z) clamps to texel (0, 0) exactly.
+    assert sample_cubemap(faces, np.array([[-0.999, -1.0, 0.999]]))[0, 0] == 0
+
+
+def test_strip_and_six_face_files_agree(tmp_path):
+    strip = _strip(4)
+    paths = []
+    for k in range(6):
+        paths.append(tmp_path / f"vp_skybox{k}_sami.jpg")
+        Image.fromarray(strip[:, 4 * k : 4 * k + 4]).save(paths[-1], quality=100)
+    faces = load_skybox(paths)
+    assert all(np.abs(f.astype(int) - c).max() <= 2 for f, c in zip(faces, COLOURS))
+    with pytest.raises(ValueError, match=r"a skybox strip is \(N, 6N, 3\), got \(4, 20, 3\)"):
+        load_skybox(strip[:, :20])
+
+
+def test_real_pose_looks_up_at_face_0(shared_data):
+    import json
+
+    records = json.loads(
+        (shared_data / "r2r" / "connectivity" / "17DRP5sb8fy_connectivity.json").read_text()
+    )
+    # Matterport's skybox0 is the ceiling: looking straight up must land on it, down on skybox5.
+    up = render_view(_strip(), records[0]["pose"], 0.3, math.pi / 2, width=8, height=6)
+    down = render_view(_strip(), records[0]["pose"], 0.3, -math.pi / 2, width=8, height=6)
+    assert tuple(up[3, 4]) == COLOURS[0] and tuple(down[3, 4]) == COLOURS[5]
