@@ -8,11 +8,13 @@ malformed JSON, line and byte offset for bytes that are not UTF-8.
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
 import shutil
 import tempfile
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -102,16 +104,24 @@ def _utf8_error(
 
 def _read_bytes(path: Path, what: str | None) -> bytes:
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"{what + ' file' if what else 'file'} not found: {path}") from None
+    if path.suffix == ".gz":  # gzip by suffix; offsets and lines then count decompressed bytes
+        try:
+            return gzip.decompress(data)
+        except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+            reason = f"not a valid gzip file ({e})"
+            raise JSONFileError(f"{path}: {reason}", path, line=None, reason=reason) from None
+    return data
 
 
 def read_json(path: str | Path, *, what: str | None = None) -> Any:
     """The JSON document in `path` (UTF-8).
 
-    `what` ("VQA questions") names the file's role in the errors. A missing file raises
-    FileNotFoundError; bad bytes or bad JSON raise JSONFileError naming the file and place.
+    `what` ("VQA questions") names the file's role in the errors; a name ending in `.gz` is
+    decompressed first. A missing file raises FileNotFoundError; bad bytes, bad gzip or bad JSON
+    raise JSONFileError naming the file and place.
     """
     path = Path(path)
     data = _read_bytes(path, what)
@@ -131,17 +141,18 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
     """(line number, record) for each non-blank line of the JSON Lines file `path` (UTF-8).
 
     Streams the file (SNLI-VE train is ~500k lines). Errors are JSONFileError naming the file,
-    the line, and the column (malformed JSON) or the byte offset in the file (bad UTF-8).
+    the line, and the column (malformed JSON) or the byte offset in the file (bad UTF-8). A name
+    ending in `.gz` is read through gzip (offsets then count decompressed bytes).
     """
     path = Path(path)
     try:
-        f = path.open("rb")
+        f = gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")
     except FileNotFoundError:
         raise FileNotFoundError(f"file not found: {path}") from None
     with f:
         offset = 0
         # Binary lines split on b"\n" only, so `offset` counts the file's bytes exactly.
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in _lines(f, path):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -158,6 +169,22 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
                     message, path, line=lineno, reason=e.msg, column=e.colno
                 ) from None
             yield lineno, record
+
+
+def _lines(f: Any, path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) of a binary file; a corrupt gzip stream is a JSONFileError."""
+    lineno = 0
+    while True:
+        try:
+            raw = f.readline()
+        except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+            reason = f"not a valid gzip file ({e})"
+            message = f"{path}: line {lineno + 1}: {reason}"
+            raise JSONFileError(message, path, line=lineno + 1, reason=reason) from None
+        if not raw:
+            return
+        lineno += 1
+        yield lineno, raw
 
 
 def _finite(obj: Any) -> Any:
