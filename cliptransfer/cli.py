@@ -81,7 +81,7 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    print(json.dumps(args.command_spec.evaluate.run(args)))
+    print(json.dumps(args.evaluate_command.run(args)))
     return 0
 
 
@@ -217,16 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--index", help="HDF5 image-id index (.pkl read safely, or .json)")
     reg.set_defaults(func=_import_regions)
 
-    from cliptransfer.engine.task import registered  # imports the task packages (torch)
+    from cliptransfer.engine.task import evaluate_commands, registered  # imports the tasks
 
     tasks = registered()
     ev = sub.add_parser("evaluate", help="official task metrics on a results file")
     ev_sub = ev.add_subparsers(dest="what", required=True)
-    for name, spec in tasks.items():
-        if spec.evaluate is not None:
-            p = ev_sub.add_parser(name, help=spec.evaluate.help)
-            spec.evaluate.add_arguments(p)
-            p.set_defaults(func=_evaluate, command_spec=spec)
+    for name, command in evaluate_commands().items():
+        p = ev_sub.add_parser(name, help=command.help)
+        command.add_arguments(p)
+        p.set_defaults(func=_evaluate, evaluate_command=command)
 
     cmp = sub.add_parser(
         "compare", help="train + score feature settings of a task with one head and budget"

@@ -297,3 +297,17 @@ def test_check_episodes_errors_and_skips(line_dir):
                        "empty_instruction": 1}  # fmt: skip
     kept, _ = check_episodes([good, bad[3]], graphs, require_instruction=False)
     assert len(kept) == 2
+
+
+def test_cli_evaluate_r2r_on_the_real_shortest_agent(shared_data, capsys, tmp_path):
+    from cliptransfer.cli import main
+
+    r2r = shared_data / "r2r"
+    argv = ["evaluate", "r2r", "--episodes", str(r2r / "R2R_val_unseen.json"),
+            "--connectivity", str(r2r / "connectivity"),
+            "--results", str(r2r / "val_unseen_shortest_agent.json"),
+            "--per-item", str(tmp_path / "items.json")]  # fmt: skip
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["success_rate"], out["spl"], out["nav_error"]) == (1.0, 1.0, 0.0)
+    assert len(json.loads((tmp_path / "items.json").read_text())) == 2349

@@ -47,7 +47,9 @@ __all__ = [
     "EvaluateCommand",
     "Task",
     "TaskSpec",
+    "evaluate_commands",
     "get_task",
+    "register_evaluate",
     "register_task",
     "registered",
 ]
@@ -250,6 +252,22 @@ def register_task(
         return cls
 
     return wrap
+
+
+_EVALUATE: dict[str, EvaluateCommand] = {}
+
+
+def register_evaluate(name: str, command: EvaluateCommand) -> EvaluateCommand:
+    """`cliptransfer evaluate NAME` for a metric that is not (yet) a trainable task's, e.g. the
+    R2R / RxR navigation metrics. Tasks registered with `evaluate=` need no second entry."""
+    _EVALUATE[name] = command
+    return command
+
+
+def evaluate_commands() -> dict[str, EvaluateCommand]:
+    """Every `cliptransfer evaluate` subcommand: the tasks' and the registered metrics'."""
+    tasks = {n: s.evaluate for n, s in registered().items() if s.evaluate is not None}
+    return dict(sorted({**_EVALUATE, **tasks}.items()))
 
 
 def _discover() -> None:
