@@ -48,6 +48,18 @@ class NavGraph:
     def neighbors(self, viewpoint: str) -> list[str]:
         return [v for v, _ in self.adjacency[self._known(viewpoint)]]
 
+    def navigable(self, viewpoint: str, heading: float, elevation: float = 0.0, camera=None):
+        """MatterSim's `navigableLocations[1:]`; see `cliptransfer.nav.views.navigable`."""
+        from cliptransfer.nav import views
+
+        return views.navigable(self, viewpoint, heading, elevation, camera or views.R2R_CAMERA)
+
+    def candidates(self, viewpoint: str, view_index: int, camera=None):
+        """EnvDrop's `make_candidate`; see `cliptransfer.nav.views.candidates`."""
+        from cliptransfer.nav import views
+
+        return views.candidates(self, viewpoint, view_index, camera or views.R2R_CAMERA)
+
     def __contains__(self, viewpoint: object) -> bool:
         return viewpoint in self.poses
 
