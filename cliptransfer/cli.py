@@ -8,6 +8,7 @@
     cliptransfer evaluate vqa --questions Q.json --annotations A.json --results R.json [--legacy]
     cliptransfer evaluate snli-ve --data snli_ve_test.jsonl --results R.json
     cliptransfer compare --task vqa --features clip-grid,bottomup --backbones default,RN50 --out DIR
+    cliptransfer show-episode --episodes R2R_val_unseen.json --connectivity DIR --instr-id 4332_0 --out ep.png
     cliptransfer info CHECKPOINT
 
 Each subcommand imports its module only when it runs; `evaluate` and `compare` list the tasks of
@@ -137,6 +138,15 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_episode(args: argparse.Namespace) -> int:
+    from cliptransfer.nav.show import show_episode
+
+    out = show_episode(args.episodes, args.connectivity, args.instr_id, args.out,
+                       results=args.results, skyboxes=args.skyboxes)  # fmt: skip
+    print(f"wrote {out}")
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from cliptransfer.clip import load_clip
     from cliptransfer.config import to_dict
@@ -253,6 +263,19 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--script", help="the task script (default: tasks/ of this checkout)")
     cmp.add_argument("--rerun", action="store_true", help="rerun settings that finished earlier")
     cmp.set_defaults(func=_compare)
+
+    show = sub.add_parser(
+        "show-episode", help="picture of a navigation episode (map, paths, views)"
+    )
+    show.add_argument("--episodes", required=True, help="R2R JSON or RxR guide JSONL[.gz]")
+    show.add_argument("--connectivity", required=True, help="Matterport connectivity/ folder")
+    show.add_argument("--instr-id", required=True, help="e.g. 4332_0")
+    show.add_argument("--results", help="a results file: draw its trajectory too")
+    show.add_argument(
+        "--skyboxes", help="folder of <scan>/matterport_skybox_images/: the start views"
+    )
+    show.add_argument("--out", required=True, help="PNG to write")
+    show.set_defaults(func=_show_episode)
 
     info = sub.add_parser("info", help="load a CLIP checkpoint and print its config")
     info.add_argument("checkpoint", help="OpenAI/open_clip file, HF CLIPModel or project folder")

@@ -3,6 +3,7 @@ asymmetric synthetic skyboxes (which face, which corner, which row order)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -88,3 +89,23 @@ def test_real_pose_looks_up_at_face_0(shared_data):
     up = render_view(_strip(), records[0]["pose"], 0.3, math.pi / 2, width=8, height=6)
     down = render_view(_strip(), records[0]["pose"], 0.3, -math.pi / 2, width=8, height=6)
     assert tuple(up[3, 4]) == COLOURS[0] and tuple(down[3, 4]) == COLOURS[5]
+
+
+def test_show_episode_on_real_data_with_a_synthetic_skybox(shared_data, tmp_path):
+    from cliptransfer.cli import main
+
+    r2r = shared_data / "r2r"
+    episodes = json.loads((r2r / "R2R_val_unseen.json").read_text())
+    ep = episodes[0]
+    sky = tmp_path / "sky" / ep["scan"] / "matterport_skybox_images"
+    sky.mkdir(parents=True)
+    Image.fromarray(_strip(16)).save(sky / f"{ep['path'][0]}_skybox_small.jpg")
+    out = tmp_path / "ep.png"
+    argv = ["show-episode", "--episodes", str(r2r / "R2R_val_unseen.json"),
+            "--connectivity", str(r2r / "connectivity"), "--instr-id", f"{ep['path_id']}_0",
+            "--results", str(r2r / "val_unseen_shortest_agent.json"),
+            "--skyboxes", str(tmp_path / "sky"), "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size[0] > 800 and im.size[1] > 700  # map + panorama
+    assert main([*argv[:5], "--instr-id", "nope_0", "--out", str(out)]) == 2  # named error
