@@ -111,6 +111,23 @@ def _extract_grid(args: argparse.Namespace) -> int:
     return 0
 
 
+def _extract_views(args: argparse.Namespace) -> int:
+    from accelerate import Accelerator
+
+    from cliptransfer.nav.extract_views import extract_views
+
+    accelerator = Accelerator(cpu=args.cpu)
+    stats = extract_views(
+        args.backbone, args.connectivity, args.out, skyboxes=args.skyboxes,
+        views_dir=args.views, scans=args.scans.split(",") if args.scans else None,
+        accelerator=accelerator, progress=True,
+    )  # fmt: skip
+    if accelerator.is_main_process:
+        print(json.dumps(stats, indent=2))
+    accelerator.end_training()
+    return 0
+
+
 def _import_regions(args: argparse.Namespace) -> int:
     from cliptransfer.visual.region_import import import_regions
 
@@ -219,6 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the tower as trained (default: BatchNorm folded + channels_last, ~1e-6 apart)",
     )
     grid.set_defaults(func=_extract_grid)
+    views = ex_sub.add_parser("views", help="36 CLIP view features per viewpoint (R2R camera)")
+    views.add_argument("--backbone", default="default", help="checkpoint, arch name or 'default'")
+    views.add_argument("--connectivity", required=True, help="Matterport connectivity/ folder")
+    views.add_argument(
+        "--skyboxes", help="folder of <scan>/matterport_skybox_images/*_skybox_small.jpg"
+    )
+    views.add_argument("--views", help="instead: pre-rendered views <scan>/<vp>_<ix>.png")
+    views.add_argument("--scans", help="comma list (default: scans.txt)")
+    views.add_argument("--out", required=True, help="views feature store folder")
+    views.add_argument("--cpu", action="store_true", help="force CPU")
+    views.set_defaults(func=_extract_views)
     reg = ex_sub.add_parser("import-regions", help="BUTD TSV / LXMERT TSV / HDF5 regions -> store")
     reg.add_argument("paths", nargs="+", help="region feature files (format auto-detected)")
     reg.add_argument("--out", required=True, help="feature store folder")

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cliptransfer.nav.render import load_skybox, render_view, sample_cubemap
@@ -109,3 +110,56 @@ def test_show_episode_on_real_data_with_a_synthetic_skybox(shared_data, tmp_path
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size[0] > 800 and im.size[1] > 700  # map + panorama
     assert main([*argv[:5], "--instr-id", "nope_0", "--out", str(out)]) == 2  # named error
+
+
+def test_extract_views_from_skyboxes_and_from_pngs_agree(shared_data, tmp_path):
+    from cliptransfer.cli import main
+    from cliptransfer.nav import load_graphs
+    from cliptransfer.nav.extract_views import clip_preprocess
+    from cliptransfer.visual.extract import load_backbone
+    from cliptransfer.visual.store import FeatureStore
+
+    conn = tmp_path / "connectivity"  # one small real scan, three viewpoints included
+    conn.mkdir()
+    records = json.loads(
+        (shared_data / "r2r" / "connectivity" / "17DRP5sb8fy_connectivity.json").read_text()
+    )
+    for i, r in enumerate(records):
+        r["included"] = r["included"] and i < 3
+    (conn / "17DRP5sb8fy_connectivity.json").write_text(json.dumps(records))
+    (conn / "scans.txt").write_text("17DRP5sb8fy\n")
+    graph = load_graphs(conn)["17DRP5sb8fy"]
+    vps = [v for v in graph.viewpoints if graph.included[v]]
+    sky = tmp_path / "sky" / "17DRP5sb8fy" / "matterport_skybox_images"
+    sky.mkdir(parents=True)
+    strip = _strip(16)
+    for vp in vps:
+        Image.fromarray(strip).save(sky / f"{vp}_skybox_small.jpg", quality=100)
+    args = ["extract", "views", "--backbone", "RN-tiny", "--connectivity", str(conn), "--cpu"]
+    assert main([*args, "--skyboxes", str(tmp_path / "sky"), "--out", str(tmp_path / "a")]) == 0
+    store = FeatureStore.open(tmp_path / "a")
+    assert sorted(store) == sorted(f"17DRP5sb8fy_{v}" for v in vps)
+    feats = store[f"17DRP5sb8fy_{vps[0]}"]["features"]
+    assert feats.shape == (36, store.metadata["channels"])
+    # The same views written as PNGs give the same features (render -> PNG is lossless).
+    pngs = tmp_path / "pngs" / "17DRP5sb8fy"
+    pngs.mkdir(parents=True)
+    faces = load_skybox(sky / f"{vps[0]}_skybox_small.jpg")
+    for ix in range(36):
+        h, e = divmod(ix, 12)[1] * math.radians(30), (ix // 12 - 1) * math.radians(30)
+        img = render_view(faces, graph.poses[vps[0]].reshape(-1), h, e)
+        Image.fromarray(img).save(pngs / f"{vps[0]}_{ix}.png")
+    for vp in vps[1:]:
+        for ix in range(36):
+            Image.fromarray(np.zeros((480, 640, 3), np.uint8)).save(pngs / f"{vp}_{ix}.png")
+    assert main([*args, "--views", str(tmp_path / "pngs"), "--out", str(tmp_path / "b")]) == 0
+    other = FeatureStore.open(tmp_path / "b")[f"17DRP5sb8fy_{vps[0]}"]["features"]
+    torch.testing.assert_close(other, feats, rtol=1e-4, atol=1e-5)
+    # Feature 0 is CLIP's image embedding of view 0, preprocessed as OpenAI CLIP.
+    clip = load_backbone("RN-tiny")[0].eval()
+    view0 = render_view(faces, graph.poses[vps[0]].reshape(-1), 0.0, -math.radians(30))
+    with torch.no_grad():
+        expect = clip.encode_image(clip_preprocess(view0, clip.image_size)[None])[0]
+    torch.testing.assert_close(feats[0], expect, rtol=1e-4, atol=1e-5)
+    # Resumable: a second run writes nothing.
+    assert main([*args, "--skyboxes", str(tmp_path / "sky"), "--out", str(tmp_path / "a")]) == 0
