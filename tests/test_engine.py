@@ -229,11 +229,11 @@ def test_nan_feature_row_is_named_on_read():
 class TwoOptimizerTask(ToyTask):
     """CLIP-ViL_p's shape: SGD with step decay for the "backbone" (first layer) beside AdamW."""
 
-    def optimizers(self, model):
+    def optimizers(self, model, total_steps):
         from cliptransfer.engine.optim import adamw_spec, sgd_step_spec
 
         return [
-            adamw_spec(model[2], self.cfg.optim, name="adamw"),
+            adamw_spec(model[2], self.cfg.optim, total_steps, name="adamw"),
             sgd_step_spec(model[0], 0.003, weight_decay=4e-4, step_every=5, name="backbone_sgd"),
         ]
 

@@ -30,7 +30,6 @@ from cliptransfer.engine.checkpointing import (
     save_checkpoint,
 )
 from cliptransfer.engine.config import TrainConfig
-from cliptransfer.engine.optim import with_total_steps
 from cliptransfer.engine.run import Run
 from cliptransfer.engine.task import Task
 
@@ -78,7 +77,7 @@ def fit(run: Run, task: Task) -> FitResult:
             f"{n} training samples give no full step of train.batch_size={cfg.batch_size}"
         )
     total = min(cfg.max_steps or math.inf, per_epoch * cfg.epochs)
-    specs = with_total_steps(task.optimizers(task.model), total)
+    specs = task.optimizers(task.model, total)
     model, *optimizers = acc.prepare(task.model, *[s.optimizer for s in specs])
     unwrapped = acc.unwrap_model(model)
     inner = [s.optimizer for s in specs]  # what checkpoints hold

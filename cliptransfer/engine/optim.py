@@ -127,43 +127,20 @@ class OptimizerSpec:
 def adamw_spec(
     model: nn.Module,
     cfg: OptimConfig,
+    total_steps: int,
     lr_scales: dict[str, float] | None = None,
     *,
-    total_steps: int | None = None,
     fused: bool = False,
     cap_warmup: bool = True,
     name: str = "adamw",
 ) -> OptimizerSpec:
-    """AdamW over `model`'s trainable parameters with warmup + cosine. `total_steps` may be
-    left None and filled in by the engine (`with_total_steps`) once the data is known.
+    """AdamW over `model`'s trainable parameters with warmup + cosine over `total_steps`.
     `cap_warmup`: short runs (tests, smoke runs) keep at least 80 % of their steps after warmup."""
     optimizer = build_adamw(model, cfg, lr_scales=lr_scales, fused=fused)
-    return OptimizerSpec(name, optimizer, _deferred_cosine(optimizer, cfg, total_steps, cap_warmup))
-
-
-class _DeferredSchedule:
-    """Placeholder until the engine knows the run's length: `build(total_steps)` -> scheduler."""
-
-    def __init__(self, build) -> None:
-        self.build = build
-
-
-def _deferred_cosine(
-    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total: int | None, cap_warmup: bool
-):
-    def build(total_steps: int):
-        warmup = min(cfg.warmup_steps, total_steps // 5) if cap_warmup else cfg.warmup_steps
-        return warmup_cosine(optimizer, warmup, total_steps, cfg.min_lr_ratio)
-
-    return build(total) if total is not None else _DeferredSchedule(build)
-
-
-def with_total_steps(specs: list[OptimizerSpec], total_steps: int) -> list[OptimizerSpec]:
-    """Build the schedules that waited for the run's number of optimizer steps."""
-    for s in specs:
-        if isinstance(s.scheduler, _DeferredSchedule):
-            s.scheduler = s.scheduler.build(total_steps)
-    return specs
+    warmup = min(cfg.warmup_steps, total_steps // 5) if cap_warmup else cfg.warmup_steps
+    return OptimizerSpec(
+        name, optimizer, warmup_cosine(optimizer, warmup, total_steps, cfg.min_lr_ratio)
+    )
 
 
 def sgd_step_spec(

@@ -128,12 +128,16 @@ class Task:
     def save_best(self, folder: Path, model: nn.Module, best: dict, results: Any) -> None:
         """Write the best model (main process only; `model` is unwrapped)."""
 
-    def optimizers(self, model: nn.Module) -> list[OptimizerSpec]:
-        """The optimizers and their schedules; default: one AdamW over every trainable parameter
-        (`cfg.optim`, per-group lr by `lr_scales`) with warmup + cosine."""
+    def optimizers(self, model: nn.Module, total_steps: int) -> list[OptimizerSpec]:
+        """The optimizers and their schedules over the run's `total_steps` optimizer steps;
+        default: one AdamW over every trainable parameter (`cfg.optim`, per-group lr by
+        `lr_scales`) with warmup + cosine."""
         from cliptransfer.engine.optim import adamw_spec
 
-        return [adamw_spec(model, self.cfg.optim, self.lr_scales(), fused=self.fused_optimizer())]
+        return [
+            adamw_spec(model, self.cfg.optim, total_steps, self.lr_scales(),
+                       fused=self.fused_optimizer())
+        ]  # fmt: skip
 
     def lr_scales(self) -> dict[str, float]:
         """Learning-rate multipliers by parameter-name prefix (e.g. {"backbone.": 0.1})."""

@@ -164,9 +164,13 @@ class ContrastiveTask(Task):
     def fused_optimizer(self) -> bool:
         return self.cfg.train.fast_kernels
 
-    def optimizers(self, model: nn.Module) -> list[OptimizerSpec]:
+    def optimizers(self, model: nn.Module, total_steps: int) -> list[OptimizerSpec]:
         # The pretraining recipe warms up for exactly optim.warmup_steps, however short the run.
-        return [adamw_spec(model, self.cfg.optim, fused=self.fused_optimizer(), cap_warmup=False)]
+        return [
+            adamw_spec(
+                model, self.cfg.optim, total_steps, fused=self.fused_optimizer(), cap_warmup=False
+            )
+        ]
 
     def _evaluate_clip(self, model: nn.Module) -> dict[str, Any]:
         clip = self.run.accelerator.unwrap_model(model).clip
