@@ -28,7 +28,6 @@ from cliptransfer.engine.evaluation import peak_memory, predict
 from cliptransfer.engine.loop import FitResult
 from cliptransfer.engine.run import save_run_config
 from cliptransfer.engine.task import Task
-from cliptransfer.fileio import read_json
 from cliptransfer.heads.model import HeadConfig, shapes_head
 from cliptransfer.heads.question import QuestionConfig, build_question_tokenizer
 from cliptransfer.tasks.vl_model import (
@@ -235,14 +234,18 @@ class VLTask(Task):
             report.update(result.report())
         return report
 
+    def print_footer(self, report: dict[str, Any]) -> None:
+        """The report's last lines: training speed and memory, the files this run wrote."""
+        if report.get("train_samples_per_s"):
+            mem = report["peak_memory"]
+            print(f"training: {report['train_samples_per_s']:.0f} samples/s, peak memory "
+                  f"{mem['mib']:.0f} MiB ({mem['kind']})")  # fmt: skip
+        print(f"written by this run: {', '.join(str(p) for p in dict.fromkeys(self.run.written))}")
+
     def finish_report(self, report: dict[str, Any]) -> dict[str, Any]:
         report.update(peak_memory=peak_memory(self.run.accelerator.device),
                       seconds=time.monotonic() - self.started)  # fmt: skip
         return report
-
-
-def read_meta(folder: str | Path) -> dict[str, Any]:
-    return read_json(Path(folder) / "meta.json", what="best-model meta")
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:

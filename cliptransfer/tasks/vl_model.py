@@ -31,6 +31,7 @@ __all__ = [
     "check_visual_dim",
     "load_best_model",
     "lr_scales",
+    "read_meta",
     "run_model",
     "save_best_dir",
     "save_model_dir",
@@ -93,9 +94,14 @@ def save_best_dir(
     return save_model_dir(folder, merged.state_dict(), files)
 
 
+def read_meta(folder: str | Path) -> dict[str, Any]:
+    """A best/ folder's meta.json (visual width, features, best epoch)."""
+    return read_json(Path(folder) / "meta.json", what="best-model meta")
+
+
 def check_visual_dim(folder: str | Path, side: ImageSide) -> None:
     """A best/ folder evaluated on features of another width is an error naming both."""
-    meta = read_json(Path(folder) / "meta.json", what="best-model meta")
+    meta = read_meta(folder)
     if int(meta["visual_dim"]) != side.dim:
         raise ValueError(
             f"{side.where or 'the image side'} gives {side.dim}-channel features but "

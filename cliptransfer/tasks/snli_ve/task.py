@@ -19,7 +19,7 @@ from cliptransfer.engine.optim import OptimConfig
 from cliptransfer.engine.task import CompareColumns, EvaluateCommand, register_task
 from cliptransfer.heads.model import VLModel
 from cliptransfer.heads.question import QuestionConfig, build_question_tokenizer
-from cliptransfer.tasks.common import VLDataConfig, VLTask, VLTaskConfig, markdown_table, read_meta
+from cliptransfer.tasks.common import VLDataConfig, VLTask, VLTaskConfig, markdown_table
 from cliptransfer.tasks.snli_ve.data import (
     VEDataset,
     collate_ve,
@@ -32,7 +32,7 @@ from cliptransfer.tasks.snli_ve.metric import (
     evaluate_snli_ve_files,
     snli_ve_accuracy,
 )
-from cliptransfer.tasks.vl_model import load_best_model, task_model
+from cliptransfer.tasks.vl_model import load_best_model, read_meta, task_model
 from cliptransfer.tasks.vqa.data import check_available
 
 __all__ = ["VEConfig", "VETask", "load_trained"]
@@ -193,11 +193,7 @@ class VETask(VLTask):
                 rows.append(_row(f"majority label ({report['prior_label']}), dev", report["prior"]))
             print(markdown_table(["SNLI-VE accuracy", "overall", *SNLI_VE_LABELS], rows))
         print(f"skipped pairs: {report['skipped']}")
-        if report.get("train_samples_per_s"):
-            mem = report["peak_memory"]
-            print(f"training: {report['train_samples_per_s']:.0f} samples/s, peak memory "
-                  f"{mem['mib']:.0f} MiB ({mem['kind']})")  # fmt: skip
-        print(f"written by this run: {', '.join(str(p) for p in dict.fromkeys(self.run.written))}")
+        self.print_footer(report)
 
 
 def _row(name: str, m: dict) -> list:

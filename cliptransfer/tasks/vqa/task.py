@@ -18,8 +18,8 @@ from cliptransfer.engine.optim import OptimConfig
 from cliptransfer.engine.task import CompareColumns, EvaluateCommand, register_task
 from cliptransfer.heads.model import VLModel
 from cliptransfer.heads.question import build_question_tokenizer
-from cliptransfer.tasks.common import VLDataConfig, VLTask, VLTaskConfig, markdown_table, read_meta
-from cliptransfer.tasks.vl_model import load_best_model, task_model
+from cliptransfer.tasks.common import VLDataConfig, VLTask, VLTaskConfig, markdown_table
+from cliptransfer.tasks.vl_model import load_best_model, read_meta, task_model
 from cliptransfer.tasks.vqa.answers import (
     build_answer_vocab,
     load_answer_vocab,
@@ -232,19 +232,11 @@ class VQATask(VLTask):
         }
         print(f"answers outside the {report['answers']}-answer vocabulary: {oov}; "
               f"skipped questions: {report['skipped']}")  # fmt: skip
-        _print_training(report)
-        print(f"written by this run: {', '.join(str(p) for p in dict.fromkeys(self.run.written))}")
+        self.print_footer(report)
 
 
 def _accuracy_row(name: str, m: dict) -> list:
     return [name, m["overall"], *(m["perAnswerType"].get(t) for t in ANSWER_TYPES)]
-
-
-def _print_training(report: dict) -> None:
-    if report.get("train_samples_per_s"):
-        mem = report["peak_memory"]
-        print(f"training: {report['train_samples_per_s']:.0f} samples/s, peak memory "
-              f"{mem['mib']:.0f} MiB ({mem['kind']})")  # fmt: skip
 
 
 def load_trained(folder: str | Path) -> tuple[VLModel, VQAConfig, list[str], Any]:
