@@ -19,7 +19,7 @@ from PIL import Image
 
 from cliptransfer.contrastive.augment import OPENAI_MEAN, OPENAI_STD
 from cliptransfer.nav.graph import load_graphs, read_scans
-from cliptransfer.nav.render import load_skybox, render_view
+from cliptransfer.nav.render import find_skybox, load_skybox, render_view
 from cliptransfer.nav.view_features import NUM_VIEWS, view_key
 from cliptransfer.nav.views import view_angles
 from cliptransfer.visual.extract import load_backbone, rank_shard
@@ -38,20 +38,6 @@ def clip_preprocess(img: np.ndarray, size: int) -> torch.Tensor:
     return TF.normalize(x, list(OPENAI_MEAN), list(OPENAI_STD))
 
 
-def _skybox(root: Path, scan: str, vp: str) -> Path | list[Path]:
-    for p in (root / scan / "matterport_skybox_images" / f"{vp}_skybox_small.jpg",
-              root / scan / f"{vp}_skybox_small.jpg"):  # fmt: skip
-        if p.is_file():
-            return p
-    faces = [
-        root / scan / "matterport_skybox_images" / f"{vp}_skybox{k}_sami.jpg" for k in range(6)
-    ]
-    if all(f.is_file() for f in faces):
-        return faces
-    raise FileNotFoundError(f"no skybox for {scan} {vp} under {root} "
-                            f"(<scan>/matterport_skybox_images/{vp}_skybox_small.jpg)")  # fmt: skip
-
-
 def viewpoint_images(scan: str, vp: str, pose: np.ndarray, *, skyboxes: Path | None,
                      views_dir: Path | None, width: int, height: int, vfov: float) -> list[np.ndarray]:  # fmt: skip
     """The 36 (H, W, 3) RGB views of one viewpoint, view index order."""
@@ -64,7 +50,11 @@ def viewpoint_images(scan: str, vp: str, pose: np.ndarray, *, skyboxes: Path | N
             with Image.open(p) as im:
                 out.append(np.asarray(im.convert("RGB")))
         return out
-    faces = load_skybox(_skybox(skyboxes, scan, vp))
+    found = find_skybox(skyboxes, scan, vp)
+    if found is None:
+        raise FileNotFoundError(f"no skybox for {scan} {vp} under {skyboxes} "
+                                f"(<scan>/matterport_skybox_images/{vp}_skybox_small.jpg)")  # fmt: skip
+    faces = load_skybox(found)
     return [render_view(faces, pose, *view_angles(ix), width=width, height=height, vfov=vfov)
             for ix in range(NUM_VIEWS)]  # fmt: skip
 

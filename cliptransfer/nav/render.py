@@ -19,10 +19,31 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FACE_OF_TARGET", "load_skybox", "lookup_directions", "render_view", "sample_cubemap"]
+__all__ = [
+    "FACE_OF_TARGET",
+    "find_skybox",
+    "load_skybox",
+    "lookup_directions",
+    "render_view",
+    "sample_cubemap",
+]
 
 # strip face of each GL target, in the order +X, -X, +Y, -Y, +Z, -Z
 FACE_OF_TARGET = (2, 4, 0, 5, 1, 3)
+
+
+def find_skybox(root: Path, scan: str, vp: str) -> Path | list[Path] | None:
+    """Where a viewpoint's skybox is under a dataset folder: MatterSim's
+    `<scan>/matterport_skybox_images/<vp>_skybox_small.jpg` strip (or the strip beside the scan
+    folder's other files), else Matterport3D's 6 `<vp>_skybox{k}_sami.jpg` faces; None if absent."""
+    for p in (root / scan / "matterport_skybox_images" / f"{vp}_skybox_small.jpg",
+              root / scan / f"{vp}_skybox_small.jpg"):  # fmt: skip
+        if p.is_file():
+            return p
+    faces = [
+        root / scan / "matterport_skybox_images" / f"{vp}_skybox{k}_sami.jpg" for k in range(6)
+    ]
+    return faces if all(f.is_file() for f in faces) else None
 
 
 def load_skybox(skybox: str | Path | np.ndarray | list) -> list[np.ndarray]:

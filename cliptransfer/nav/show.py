@@ -14,18 +14,10 @@ import numpy as np
 from cliptransfer.fileio import atomic_write_bytes, read_json
 from cliptransfer.nav.episodes import Episode, load_r2r, load_rxr
 from cliptransfer.nav.graph import NavGraph, load_graphs
-from cliptransfer.nav.render import render_view
+from cliptransfer.nav.render import find_skybox, load_skybox, render_view
 from cliptransfer.nav.views import start_view, view_angles
 
 __all__ = ["episode_png", "show_episode"]
-
-
-def _skybox_path(root: Path, scan: str, vp: str) -> Path | None:
-    for p in (root / scan / "matterport_skybox_images" / f"{vp}_skybox_small.jpg",
-              root / scan / f"{vp}_skybox_small.jpg"):  # fmt: skip
-        if p.is_file():
-            return p
-    return None
 
 
 def episode_png(graph: NavGraph, ep: Episode, trajectory: list[str] | None = None,
@@ -35,7 +27,7 @@ def episode_png(graph: NavGraph, ep: Episode, trajectory: list[str] | None = Non
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    sky = _skybox_path(skyboxes, ep.scan, ep.start) if skyboxes else None
+    sky = find_skybox(skyboxes, ep.scan, ep.start) if skyboxes else None
     fig = Figure(figsize=(12, 9 if sky else 6.5), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(2 if sky else 1, 1, 1)
@@ -61,12 +53,13 @@ def episode_png(graph: NavGraph, ep: Episode, trajectory: list[str] | None = Non
                  fontsize=9, loc="left")  # fmt: skip
     if sky:
         view_ix = start_view(ep.heading)[0]
+        faces = load_skybox(sky)  # read once, rendered 36 times
         tiles = []
         for row in (2, 1, 0):  # looking up on top
             views = []
             for col in range(12):
                 h, e = view_angles(12 * row + col)
-                img = np.flipud(render_view(sky, graph.poses[ep.start].reshape(-1), h, e,
+                img = np.flipud(render_view(faces, graph.poses[ep.start].reshape(-1), h, e,
                                             width=128, height=96))  # fmt: skip
                 if 12 * row + col == view_ix:
                     img = img.copy()
