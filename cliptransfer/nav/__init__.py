@@ -3,6 +3,7 @@ MatterSim and EnvDrop, skybox rendering, 36-view features, R2R / RxR episodes an
 
 from __future__ import annotations
 
+from cliptransfer.nav.env import NavEnv, NavObservation
 from cliptransfer.nav.episodes import Episode, EpisodeError, check_episodes, load_r2r, load_rxr
 from cliptransfer.nav.graph import ConnectivityError, NavGraph, load_graphs, read_scans
 from cliptransfer.nav.metrics import (
@@ -13,6 +14,7 @@ from cliptransfer.nav.metrics import (
     score_trajectory,
 )
 from cliptransfer.nav.render import load_skybox, render_view
+from cliptransfer.nav.tables import NavTables, angle_feature, load_view_table
 from cliptransfer.nav.view_features import (
     import_views,
     iter_view_hdf5,
@@ -27,8 +29,12 @@ __all__ = [
     "ConnectivityError",
     "Episode",
     "EpisodeError",
+    "NavEnv",
     "NavGraph",
+    "NavObservation",
+    "NavTables",
     "NavResultsError",
+    "angle_feature",
     "candidate_table",
     "candidates",
     "check_episodes",
@@ -41,6 +47,7 @@ __all__ = [
     "load_r2r",
     "load_rxr",
     "load_skybox",
+    "load_view_table",
     "navigable",
     "read_scans",
     "render_view",

@@ -6,8 +6,11 @@ elevation) . Rz(pi + heading), a perspective of vertical field of view `vfov`, a
 fragment up in a cube map at the cube-space vertex position. So the output pixel (row, col) shows
 the cube-map texel in direction l = R^-1 . View^-1 . (x_c, y_c, -1) with
 x_c = (2 (col + 0.5) / W - 1) tan(vfov / 2) W / H and y_c = (2 (row + 0.5) / H - 1) tan(vfov / 2):
-glReadPixels returns the bottom row first and MatterSim does not flip, so row 0 of `state.rgb`
-is the bottom of the view. The cube map: GL targets +X, -X, +Y, -Y, +Z, -Z are faces 2, 4, 0, 5,
+glReadPixels returns the framebuffer's bottom row first and MatterSim does not flip, so row 0
+of `state.rgb` is the GL bottom row (y_c < 0). Matterport poses put the camera's y axis on world
+-z, which makes that the top of the scene: the pictures come out upright, strip face 0 is the
+ceiling (worlds/houses/raycast.py works the frame through: a pixel shows world direction
+-R . l). The cube map: GL targets +X, -X, +Y, -Y, +Z, -Z are faces 2, 4, 0, 5,
 1, 3 of the `<vp>_skybox_small.jpg` strip, uploaded unflipped (texture row 0 = image row 0),
 GL_LINEAR without mipmaps, clamp-to-edge within each face, OpenGL's face selection table.
 """
@@ -86,7 +89,7 @@ def _rz(a: float) -> np.ndarray:
 
 def lookup_directions(pose: np.ndarray | list[float], heading: float, elevation: float,
                       width: int, height: int, vfov: float) -> np.ndarray:  # fmt: skip
-    """(H, W, 3) cube-map lookup direction of each output pixel (row 0 = bottom of the view)."""
+    """(H, W, 3) cube-map lookup direction of each output pixel (row 0 = GL's bottom row)."""
     pose = np.asarray(pose, dtype=np.float32).reshape(4, 4)  # MatterSim reads the pose as float
     rot = pose[:3, :3]
     # glm computes in float: the angles are float32 before the trigonometry
@@ -136,6 +139,6 @@ def render_view(skybox: str | Path | np.ndarray | list, pose: np.ndarray | list[
                 heading: float, elevation: float, *, width: int = 640, height: int = 480,
                 vfov: float = math.radians(60)) -> np.ndarray:  # fmt: skip
     """(height, width, 3) uint8 RGB: what MatterSim's `state.rgb` holds (BGR turned to RGB, its
-    row order: row 0 is the bottom of the view)."""
+    row order: row 0 is GL's bottom row, the top of the scene for Matterport-style poses)."""
     faces = load_skybox(skybox)
     return sample_cubemap(faces, lookup_directions(pose, heading, elevation, width, height, vfov))

@@ -1,7 +1,6 @@
 """`cliptransfer show-episode`: a picture of one episode — the house graph from above with the
 gold path and (optionally) a predicted trajectory, the instruction, and the start panorama when
-the skyboxes are at hand (36 views rendered like MatterSim, shown upright: GL's bottom-first rows
-turned over)."""
+the skyboxes are at hand (36 views rendered like MatterSim; its rows are upright as they are)."""
 
 from __future__ import annotations
 
@@ -59,8 +58,8 @@ def episode_png(graph: NavGraph, ep: Episode, trajectory: list[str] | None = Non
             views = []
             for col in range(12):
                 h, e = view_angles(12 * row + col)
-                img = np.flipud(render_view(faces, graph.poses[ep.start].reshape(-1), h, e,
-                                            width=128, height=96))  # fmt: skip
+                img = render_view(faces, graph.poses[ep.start].reshape(-1), h, e,
+                                  width=128, height=96)  # upright as MatterSim's state.rgb
                 if 12 * row + col == view_ix:
                     img = img.copy()
                     img[:3], img[-3:], img[:, :3], img[:, -3:] = 255, 255, 255, 255
