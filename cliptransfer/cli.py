@@ -1,6 +1,7 @@
 """The `cliptransfer` console script.
 
     cliptransfer prepare shapes --out world [--size small] [--seed 0]
+    cliptransfer prepare houses --out houses [--size small] [--seed 0]
     cliptransfer prepare bottomup --world world --out world/bottomup [--boxes fixed36]
     cliptransfer tokenizer train --input world/captions.txt --vocab-size 1000 --out tok/
     cliptransfer extract grid --backbone CKPT --images DIR --size 600x1000 --out STORE
@@ -30,6 +31,17 @@ def _prepare_shapes(args: argparse.Namespace) -> int:
     out = prepare_shapes(args.out, size=args.size, seed=args.seed, overwrite=args.overwrite)
     from cliptransfer.fileio import read_json
 
+    manifest = read_json(Path(out) / "manifest.json")
+    print(json.dumps({"out": str(out), "counts": manifest.get("counts", {})}, indent=2))
+    return 0
+
+
+def _prepare_houses(args: argparse.Namespace) -> int:
+    from cliptransfer.fileio import read_json
+    from cliptransfer.worlds.houses import prepare_houses
+
+    out = prepare_houses(args.out, size=args.size, seed=args.seed, overwrite=args.overwrite,
+                         workers=args.workers)  # fmt: skip
     manifest = read_json(Path(out) / "manifest.json")
     print(json.dumps({"out": str(out), "counts": manifest.get("counts", {})}, indent=2))
     return 0
@@ -186,6 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--overwrite", action="store_true", help="regenerate even if present")
     shapes.set_defaults(func=_prepare_shapes)
+
+    houses = prepare_sub.add_parser(
+        "houses", help="write the Shapes houses: navigation in the Matterport / R2R / RxR formats"
+    )
+    houses.add_argument("--out", required=True, help="output folder")
+    houses.add_argument("--size", default="small", help="tiny | small")
+    houses.add_argument("--seed", type=int, default=0)
+    houses.add_argument("--workers", type=int, default=None, help="skybox rendering processes")
+    houses.add_argument("--overwrite", action="store_true", help="regenerate even if present")
+    houses.set_defaults(func=_prepare_houses)
 
     bu = prepare_sub.add_parser(
         "bottomup", help="BUTD-style region features (TSV) for a Shapes world"

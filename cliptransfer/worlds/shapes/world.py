@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cliptransfer.fileio import read_json, write_json
+from cliptransfer.fileio import write_json
+from cliptransfer.worlds.prepare import prepare_atomically
 
 from . import formats
 from .annotators import most_frequent, snli_labels, vqa_answers
@@ -288,28 +287,6 @@ def _generate(root: Path, size: str, spec: WorldSize, seed: int) -> None:
     write_json(root / "manifest.json", manifest, indent=1)
 
 
-def _read_manifest(out: Path) -> dict | None:
-    path = out / "manifest.json"
-    if not path.is_file():
-        return None
-    try:
-        manifest = read_json(path)
-    except (OSError, ValueError):  # unreadable: not a world of ours
-        return None
-    return (
-        manifest if isinstance(manifest, dict) and manifest.get("generator") == GENERATOR else None
-    )
-
-
-def _is_complete(out: Path, size: str, seed: int) -> bool:
-    m = _read_manifest(out)
-    return m is not None and (m.get("size"), m.get("seed"), m.get("version")) == (
-        size,
-        seed,
-        GENERATOR_VERSION,
-    )
-
-
 def prepare_shapes(
     out: str | Path, size: str = "small", seed: int = 0, overwrite: bool = False
 ) -> Path:
@@ -319,41 +296,6 @@ def prepare_shapes(
     world (no manifest of ours) is never deleted. Returns `out`.
     """
     spec = _check_size(size)
-    out = Path(out).expanduser().absolute()
-    if not overwrite and _is_complete(out, size, seed):
-        return out
-    if out.exists():
-        if not out.is_dir():
-            raise FileExistsError(f"{out} exists and is not a directory")
-        has_files = any(out.iterdir())
-        if has_files and _read_manifest(out) is None:
-            raise FileExistsError(
-                f"{out} is not empty and holds no Shapes world manifest; refusing to replace it"
-            )
-        if has_files and not overwrite:
-            m = _read_manifest(out) or {}
-            raise FileExistsError(
-                f"{out} holds a different Shapes world (size={m.get('size')!r}, seed={m.get('seed')!r}, "
-                f"version={m.get('version')!r}); pass overwrite=True or choose another folder"
-            )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the world is ordinary data
-    try:
-        _generate(tmp, size, spec, seed)
-        if out.exists() and any(out.iterdir()):
-            # Another process may have finished the same world meanwhile: keep theirs.
-            if not overwrite and _is_complete(out, size, seed):
-                shutil.rmtree(tmp)
-                return out
-            shutil.rmtree(out)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            if not _is_complete(out, size, seed):
-                raise
-            shutil.rmtree(tmp)  # another process renamed the same world into place first
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    identity = {"size": size, "seed": seed, "version": GENERATOR_VERSION}
+    return prepare_atomically(out, GENERATOR, identity, lambda tmp: _generate(tmp, size, spec, seed),
+                              overwrite=overwrite, what="Shapes world")  # fmt: skip

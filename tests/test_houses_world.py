@@ -1,0 +1,127 @@
+"""`cliptransfer prepare houses`: the tiny houses in the real Matterport / R2R / RxR formats, read
+back by the navigation loaders, scored by the official metrics, deterministic per seed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cliptransfer.cli import main
+from cliptransfer.fileio import iter_jsonl, read_json
+from cliptransfer.nav import check_episodes, load_graphs, load_r2r, load_rxr, read_scans
+from cliptransfer.worlds.houses import prepare_houses
+
+
+@pytest.fixture(scope="module")
+def houses(tmp_path_factory) -> Path:
+    return prepare_houses(tmp_path_factory.mktemp("houses") / "h", "tiny", seed=0, workers=1)
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+def test_connectivity_is_what_mattersim_loads(houses):
+    conn = houses / "r2r" / "connectivity"
+    scans = read_scans(conn)
+    assert (conn / "scans.txt").read_text().split() == scans and len(scans) == 3
+    graphs = load_graphs(conn)
+    for scan in scans:
+        recs = read_json(conn / f"{scan}_connectivity.json")
+        n = len(recs)
+        free = np.array([r["unobstructed"] for r in recs])
+        seen = np.array([r["visible"] for r in recs])
+        assert free.shape == (n, n) and (free == free.T).all() and not free.diagonal().any()
+        assert (seen | ~free).all()  # unobstructed implies visible
+        for r in recs:
+            assert len(r["pose"]) == 16 and r["pose"][12:] == [0, 0, 0, 1] and r["included"]
+            rot = np.array(r["pose"]).reshape(4, 4)[:3, :3]
+            assert np.allclose(rot @ rot.T, np.eye(3), atol=1e-5)
+            assert 1.4 < r["height"] < 1.6 and len(r["image_id"]) == 32
+        g = graphs[scan]
+        lengths = [w for v in g.viewpoints for _, w in g.adjacency[v]]
+        degrees = [len(g.adjacency[v]) for v in g.viewpoints]
+        assert 0.8 < min(lengths) and max(lengths) < 3.4  # Matterport: median edge ~2.1 m
+        assert 2.5 < np.mean(degrees) < 6.0  # Matterport: mean degree 4.1
+        first = g.viewpoints[0]
+        assert len(g.distances_from(first)) == len(g.viewpoints)  # connected
+
+
+def test_r2r_episodes(houses):
+    graphs = load_graphs(houses / "r2r" / "connectivity")
+    manifest = read_json(houses / "manifest.json")
+    train_scans = set(manifest["splits"]["train"])
+    pairs = {}
+    for split in ("train", "val_seen", "val_unseen"):
+        recs = read_json(houses / "r2r" / f"R2R_{split}.json")
+        assert recs and all(len(r["instructions"]) == 3 for r in recs)
+        for r in recs:
+            g = graphs[r["scan"]]
+            assert 4 <= len(r["path"]) <= 7
+            assert r["path"] == g.shortest_path(r["path"][0], r["path"][-1])
+            assert r["distance"] == pytest.approx(g.distance(r["path"][0], r["path"][-1]), abs=1e-6)
+            assert 5 <= r["distance"] <= 20 and 0 <= r["heading"] < 2 * math.pi
+            assert all(t and t[0].isupper() and t.endswith(".") for t in r["instructions"])
+        scans = {r["scan"] for r in recs}
+        assert (scans <= train_scans) if split != "val_unseen" else not (scans & train_scans)
+        pairs[split] = {(r["path"][0], r["path"][-1]) for r in recs}
+        episodes = load_r2r(houses / "r2r" / f"R2R_{split}.json")
+        kept, skipped = check_episodes(episodes, graphs)  # raises on a bad record
+        assert len(kept) == 3 * len(recs) and not any(skipped.values())
+    assert not pairs["train"] & pairs["val_seen"]
+
+
+def test_rxr_guides_in_four_languages(houses):
+    for split in ("train", "val_seen", "val_unseen"):
+        path = houses / "rxr" / f"rxr_{split}_guide.jsonl.gz"
+        episodes = load_rxr(path)
+        languages = {e.language for e in episodes}
+        assert languages == {"en-US", "en-IN", "hi-IN", "te-IN"}
+        for e in episodes:
+            if e.language == "hi-IN":
+                assert any("\u0900" <= ch <= "\u097f" for ch in e.instruction)
+            if e.language == "te-IN":
+                assert any("\u0c00" <= ch <= "\u0c7f" for ch in e.instruction)
+        assert len(load_rxr(path, languages=["en"])) == len(episodes) // 2
+        assert len({e.instr_id for e in episodes}) == len(episodes)
+
+
+@pytest.mark.parametrize("task", ["r2r", "rxr"])
+def test_shortest_path_agent_scores_one(houses, tmp_path, capsys, task):
+    episodes = (houses / "r2r" / "R2R_val_unseen.json" if task == "r2r"
+                else houses / "rxr" / "rxr_val_unseen_guide.jsonl.gz")  # fmt: skip
+    loaded = load_r2r(episodes) if task == "r2r" else load_rxr(episodes)
+    results = [{"instr_id": e.instr_id, "trajectory": [[v, 0.0, 0.0] for v in e.path]}
+               for e in loaded]  # fmt: skip
+    (tmp_path / "r.json").write_text(json.dumps(results))
+    rc = main(["evaluate", task, "--episodes", str(episodes), "--connectivity",
+               str(houses / "r2r" / "connectivity"), "--results", str(tmp_path / "r.json")])  # fmt: skip
+    assert rc == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["success_rate"] == metrics["spl"] == 1.0 and metrics["nav_error"] == 0.0
+    assert metrics["ndtw"] == pytest.approx(1.0)
+
+
+def test_captions_and_skyboxes(houses):
+    rows = [r for _, r in iter_jsonl(houses / "captions" / "views_train.jsonl")]
+    assert rows and all((houses / "captions" / r["image"]).is_file() for r in rows)
+    assert all(r["caption"] for r in rows)
+    from PIL import Image
+
+    manifest = read_json(houses / "manifest.json")
+    n = manifest["preset"]["skybox"]
+    skyboxes = list((houses / "scans").glob("*/matterport_skybox_images/*_skybox_small.jpg"))
+    assert len(skyboxes) == manifest["counts"]["viewpoints"]
+    with Image.open(skyboxes[0]) as im:
+        assert im.size == (6 * n, n)
+
+
+def test_same_seed_same_bytes(houses, tmp_path):
+    again = prepare_houses(tmp_path / "again", "tiny", seed=0, workers=2)
+    assert _digest(again) == _digest(houses)
