@@ -128,11 +128,15 @@ def _extract_views(args: argparse.Namespace) -> int:
 
     from cliptransfer.nav.extract_views import extract_views
 
+    try:
+        width, height = (int(v) for v in args.camera.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--camera {args.camera!r}: expected WIDTHxHEIGHT, e.g. 640x480") from None
     accelerator = Accelerator(cpu=args.cpu)
     stats = extract_views(
         args.backbone, args.connectivity, args.out, skyboxes=args.skyboxes,
         views_dir=args.views, scans=args.scans.split(",") if args.scans else None,
-        accelerator=accelerator, progress=True,
+        width=width, height=height, vfov_deg=args.vfov, accelerator=accelerator, progress=True,
     )  # fmt: skip
     if accelerator.is_main_process:
         print(json.dumps(stats, indent=2))
@@ -267,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     views.add_argument("--views", help="instead: pre-rendered views <scan>/<vp>_<ix>.png")
     views.add_argument("--scans", help="comma list (default: scans.txt)")
     views.add_argument("--out", required=True, help="views feature store folder")
+    views.add_argument("--camera", default="640x480",
+                       help="rendered view size WxH (R2R: 640x480; the houses: 128x96 is plenty)")  # fmt: skip
+    views.add_argument("--vfov", type=float, default=60.0, help="vertical field of view, degrees")
     views.add_argument("--cpu", action="store_true", help="force CPU")
     views.set_defaults(func=_extract_views)
     reg = ex_sub.add_parser("import-regions", help="BUTD TSV / LXMERT TSV / HDF5 regions -> store")

@@ -109,9 +109,15 @@ def test_shortest_path_agent_scores_one(houses, tmp_path, capsys, task):
 
 
 def test_captions_and_skyboxes(houses):
+    from cliptransfer.contrastive.pairs import load_pairs, open_image
+
     rows = [r for _, r in iter_jsonl(houses / "captions" / "views_train.jsonl")]
-    assert rows and all((houses / "captions" / r["image"]).is_file() for r in rows)
-    assert all(r["caption"] for r in rows)
+    assert rows and all(r["caption"] for r in rows)
+    pairs = load_pairs(houses / "captions" / "views_train.jsonl")  # the contrastive trainer's
+    assert [p.caption for p in pairs] == [r["caption"] for r in rows]
+    assert open_image(pairs[0].image).size == (128, 96)
+    named = [r for r in rows if " with " in r["caption"] or ":" in r["caption"]]
+    assert len(named) > len(rows) / 4  # most views show a landmark
     from PIL import Image
 
     manifest = read_json(houses / "manifest.json")
@@ -125,3 +131,43 @@ def test_captions_and_skyboxes(houses):
 def test_same_seed_same_bytes(houses, tmp_path):
     again = prepare_houses(tmp_path / "again", "tiny", seed=0, workers=2)
     assert _digest(again) == _digest(houses)
+
+
+def test_extract_views_env_and_show_episode_on_a_house(houses, tmp_path):
+    """The real-data path end to end on one house: skyboxes -> CLIP view store -> NavEnv."""
+    from cliptransfer.nav import NavEnv, NavTables, evaluate_nav, load_view_table
+
+    conn = houses / "r2r" / "connectivity"
+    scan = read_json(houses / "manifest.json")["splits"]["val_unseen"][0]
+    rc = main(["extract", "views", "--connectivity", str(conn), "--skyboxes",
+               str(houses / "scans"), "--scans", scan, "--camera", "64x48", "--out",
+               str(tmp_path / "views"), "--cpu"])  # fmt: skip
+    assert rc == 0
+    graphs = load_graphs(conn, [scan])
+    tables = NavTables.build(graphs)
+    features = load_view_table(tmp_path / "views", tables)
+    assert features.shape[:2] == (len(graphs[scan].viewpoints), 36) and features.std() > 0
+    episodes = [e for e in load_r2r(houses / "r2r" / "R2R_val_unseen.json") if e.scan == scan]
+    env = NavEnv(tables, features)
+    ob = env.reset(episodes)
+    while not env.done:
+        ob = env.step(ob.teacher.clamp(min=0))
+    metrics, _ = evaluate_nav(episodes, env.trajectories(), graphs)
+    assert metrics["success_rate"] == metrics["spl"] == 1.0
+    (tmp_path / "res.json").write_text(json.dumps(env.trajectories()))
+    out = tmp_path / "ep.png"
+    rc = main(["show-episode", "--episodes", str(houses / "r2r" / "R2R_val_unseen.json"),
+               "--connectivity", str(conn), "--instr-id", episodes[0].instr_id, "--results",
+               str(tmp_path / "res.json"), "--skyboxes", str(houses / "scans"), "--out", str(out)])  # fmt: skip
+    assert rc == 0 and out.stat().st_size > 10_000
+
+
+def test_statistics_and_turn_words(houses):
+    stats = read_json(houses / "manifest.json")["stats"]
+    assert 2.5 < stats["graph"]["degree_mean"] < 6
+    rows = stats["instructions"]
+    assert set(rows) == {"r2r en-US", "rxr en-US", "rxr en-IN", "rxr hi-IN", "rxr te-IN"}
+    for row in rows.values():
+        assert row["landmarks_mean"] >= 1.0  # instructions lean on what is seen
+        assert row["turn_words_reach_goal"] < 0.4  # turn words alone rarely suffice
+        assert 4 <= row["path_vps_mean"] <= 7

@@ -58,8 +58,9 @@ def episode_png(graph: NavGraph, ep: Episode, trajectory: list[str] | None = Non
             views = []
             for col in range(12):
                 h, e = view_angles(12 * row + col)
-                img = render_view(faces, graph.poses[ep.start].reshape(-1), h, e,
-                                  width=128, height=96)  # upright as MatterSim's state.rgb
+                img = render_view(
+                    faces, graph.poses[ep.start].reshape(-1), h, e, width=128, height=96
+                )  # upright as MatterSim's state.rgb
                 if 12 * row + col == view_ix:
                     img = img.copy()
                     img[:3], img[-3:], img[:, :3], img[:, -3:] = 255, 255, 255, 255

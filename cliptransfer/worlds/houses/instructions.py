@@ -147,7 +147,10 @@ def noun_phrase(ref: Ref, language: str, oblique: bool = True) -> str:
         return "the " + " ".join(words)
     if language == "hi-IN":
         k = 1 if oblique else 0
-        words = [_HI_COLOR[ref.color][k]] if ref.color else []
+        color = _HI_COLOR[ref.color][k] if ref.color else None
+        if color and ref.shape is None and color[-1] in "ाे":  # आकृति is feminine: पीली, नीली
+            color = color[:-1] + "ी"
+        words = [color] if color else []
         words += ["धारीदार"] if ref.striped else []
         words += [_HI_SHAPE[ref.shape][k] if ref.shape else "आकृति"]
         return " ".join(words)
@@ -216,12 +219,13 @@ def turn_words(language: str) -> set[str]:
 
 
 def landmark_words(language: str) -> set[str]:
-    """The shape and colour words of `language` (Hindi: both cases)."""
+    """The shape and colour words of `language` (Hindi: every case and gender used)."""
     _check(language)
     if language.startswith("en"):
         return set(SHAPES) | set(COLORS) | {"striped"}
     if language == "hi-IN":
-        return {w for t in (_HI_SHAPE, _HI_COLOR) for pair in t.values() for w in pair} | {
-            "धारीदार"
-        }
+        shapes = {w for pair in _HI_SHAPE.values() for w in pair}
+        colors = {w for pair in _HI_COLOR.values() for w in pair}
+        feminine = {w[:-1] + "ी" for w in colors if w[-1] in "ाे"}  # with आकृति
+        return shapes | colors | feminine | {"धारीदार"}
     return set(_TE_SHAPE.values()) | set(_TE_COLOR.values()) | {"చారల"}
