@@ -171,3 +171,18 @@ def test_statistics_and_turn_words(houses):
         assert row["landmarks_mean"] >= 1.0  # instructions lean on what is seen
         assert row["turn_words_reach_goal"] < 0.4  # turn words alone rarely suffice
         assert 4 <= row["path_vps_mean"] <= 7
+
+
+def test_sentencepiece_trains_on_all_four_languages(houses, tmp_path):
+    from cliptransfer.tokenization.spiece import train_sentencepiece
+
+    episodes = [e for s in ("train", "val_seen", "val_unseen") for e in
+                load_rxr(houses / "rxr" / f"rxr_{s}_guide.jsonl.gz")]  # fmt: skip
+    corpus = tmp_path / "rxr.txt"
+    corpus.write_text("".join(e.instruction + "\n" for e in episodes), encoding="utf-8")
+    tok = train_sentencepiece(corpus, 200, tmp_path / "tok", character_coverage=1.0)
+    unk = tok.sp.unk_id() + 1
+    for e in load_rxr(houses / "rxr" / "rxr_val_unseen_guide.jsonl.gz"):
+        ids = tok.tokenize_words(e.instruction)
+        assert unk not in ids, (e.language, e.instruction)
+        assert tok._decode_words(ids) == e.instruction
