@@ -1,13 +1,342 @@
-"""Vision-and-language navigation (R2R / RxR) on the engine. So far: the official evaluation as
-`cliptransfer evaluate r2r|rxr`; the agent (EnvDrop follower, speaker, back-translation) comes
-with its task here."""
+"""Vision-and-language navigation (R2R / RxR) as a task of the engine: R2R-EnvDrop's follower
+(imitation + A2C) on 36-view CLIP features in our simulator-free `NavEnv`, scored by the
+official metrics; the same agent with zeroed visual features trained beside it ("no vision"),
+and the random / forward-only walkers, as baselines. Also `cliptransfer evaluate r2r|rxr`."""
 
 from __future__ import annotations
 
 import argparse
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from cliptransfer.engine.task import EvaluateCommand, register_evaluate
-from cliptransfer.nav.metrics import evaluate_nav_files
+import numpy as np
+import torch
+import yaml
+from accelerate.utils import gather_object
+from torch import nn
+
+from cliptransfer.config import ConfigError, check_range, to_dict
+from cliptransfer.engine.config import RunConfig, TrainConfig
+from cliptransfer.engine.evaluation import peak_memory
+from cliptransfer.engine.optim import OptimConfig, OptimizerSpec
+from cliptransfer.engine.task import EvaluateCommand, Task, register_evaluate, register_task
+from cliptransfer.nav.env import NavEnv
+from cliptransfer.nav.metrics import evaluate_nav, evaluate_nav_files
+from cliptransfer.nav.tables import NavTables, load_view_table
+from cliptransfer.tasks.vl_model import save_model_dir
+from cliptransfer.tasks.vln.agent import Follower, FollowerConfig
+from cliptransfer.tasks.vln.data import VLNDataConfig, load_vln_data, train_tokenizer
+from cliptransfer.tasks.vln.rollout import encode_instructions, forward_walk, rollout
+
+__all__ = ["RLConfig", "VLNConfig", "VLNModel", "VLNTask"]
+
+METRICS = ("nav_error", "success_rate", "spl", "ndtw", "sdtw")
+EVAL_SPLITS = ("val_seen", "val_unseen")
+
+
+@dataclass
+class RLConfig:
+    feedback: str = "sample"  # "sample": imitation + A2C (EnvDrop); "teacher": imitation only
+    ml_weight: float = 0.2  # EnvDrop's mlWeight: 0.2 for R2R, 0.4 for RxR
+    gamma: float = 0.9
+    entropy: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.feedback not in ("sample", "teacher"):
+            raise ConfigError(f"feedback: 'sample' or 'teacher', got {self.feedback!r}")
+        check_range("ml_weight", self.ml_weight, ge=0)
+        check_range("gamma", self.gamma, ge=0, le=1)
+
+
+@dataclass
+class VLNConfig(RunConfig):
+    # Defaults: the houses on 2 CPU cores in ~10 minutes (a half-width follower, lr 1e-3, at most
+    # 15 decisions: house paths have <= 6 moves). EnvDrop's own settings (hidden 512, lr 1e-4,
+    # 35 actions) are configs/tasks/vln_r2r_envdrop.yaml.
+    data: VLNDataConfig = field(default_factory=VLNDataConfig)
+    agent: FollowerConfig = field(
+        default_factory=lambda: FollowerConfig(word_embed=128, hidden=256)
+    )
+    rl: RLConfig = field(default_factory=RLConfig)
+    backbone: str = "default"  # CLIP for the houses' view features ('default' = packaged)
+    max_steps: int = 15  # decisions per episode (EnvDrop's maxAction)
+    no_vision: bool = True  # also train the same agent on zeroed visual features (a baseline)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(
+            lr=1e-3, weight_decay=0.0, warmup_steps=0, grad_clip=40.0
+        )
+    )
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            out_dir="runs/vln", epochs=15, batch_size=64, eval_batch_size=256, log_every=5
+        )  # fmt: skip
+    )
+
+    def __post_init__(self) -> None:
+        check_range("max_steps", self.max_steps, gt=0)
+
+
+class VLNModel(nn.Module):
+    """The follower and, optionally, its no-vision twin; `forward` runs the training rollouts
+    of one batch (so that DDP sees one forward per step) and returns the loss terms."""
+
+    def __init__(self, agent: Follower, blind: Follower | None) -> None:
+        super().__init__()
+        self.agent, self.blind = agent, blind
+
+    def forward(self, env: NavEnv, episodes, tokens, lengths, rl: RLConfig) -> dict:
+        terms: dict[str, torch.Tensor] = {}
+        agents = [("", self.agent, False)] + ([("blind_", self.blind, True)] if self.blind else [])
+        loss = torch.zeros((), device=tokens.device)
+        for prefix, agent, zero in agents:
+            il = rollout(agent, env, episodes, tokens, lengths, feedback="teacher",
+                         ml_weight=rl.ml_weight if rl.feedback == "sample" else 1.0,
+                         zero_vision=zero)  # fmt: skip
+            loss = loss + il["loss"]
+            terms[f"{prefix}ml_loss"] = il["ml_loss"] / len(episodes)
+            if rl.feedback == "sample":
+                out = rollout(agent, env, episodes, tokens, lengths, feedback="sample", rl=True,
+                              gamma=rl.gamma, entropy_weight=rl.entropy, zero_vision=zero)  # fmt: skip
+                loss = loss + out["loss"]
+                terms[f"{prefix}rl_loss"] = out["rl_loss"]
+        return {"loss": loss, **terms}
+
+
+@register_task("vln", config=VLNConfig, launcher="tasks/vln.py",
+               configs=("configs/tasks/vln_*.yaml",))  # fmt: skip
+class VLNTask(Task):
+    tracker = "vln"
+
+    def __init__(self, cfg: VLNConfig, run) -> None:
+        super().__init__(cfg, run)
+        self.eval_only = run.args.eval_only
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--skip-missing", action="store_true",
+                            help="= --set data.skip_missing=true")  # fmt: skip
+        parser.add_argument("--eval-only", default=None, metavar="BEST_DIR",
+                            help="evaluate a saved best/ folder (its config.yaml + --set)")  # fmt: skip
+
+    @classmethod
+    def config_file(cls, args: argparse.Namespace) -> str | None:
+        if args.eval_only and args.config is None:
+            return str(Path(args.eval_only) / "config.yaml")
+        return args.config
+
+    @classmethod
+    def apply_arguments(cls, cfg: VLNConfig, args: argparse.Namespace) -> None:
+        cfg.data.skip_missing = cfg.data.skip_missing or args.skip_missing
+
+    def setup(self) -> None:
+        cfg, acc = self.cfg, self.run.accelerator
+        self.started = time.monotonic()
+        data = load_vln_data(cfg.data, cfg.backbone, acc, need_train=not self.eval_only)
+        self.data = data
+        self.tokenizer = self._tokenizer(data)
+        self.tables = NavTables.build(data.graphs)
+        features = load_view_table(data.features, self.tables).to(acc.device)
+        self.env = NavEnv(self.tables, features, max_steps=cfg.max_steps)
+        vocab = self.tokenizer.vocab_size
+        dim, angle = features.shape[-1], self.tables.view_angles.shape[-1]
+        a2c = cfg.rl.feedback == "sample"
+
+        def follower() -> Follower:
+            return Follower(cfg.agent, vocab, dim, angle, self.tokenizer.pad_id, critic=a2c)
+
+        agent, blind = follower(), (follower() if cfg.no_vision else None)
+        self.model = VLNModel(agent, blind)
+        self.train_data = data.episodes.get("train", [])
+        self.collate = lambda items: {"episodes": items}
+        self.blind_best: dict | None = None
+        self.baselines = self._baselines()
+
+    def _tokenizer(self, data):
+        from cliptransfer.tokenization import load_tokenizer
+
+        if self.eval_only:
+            return load_tokenizer(Path(self.eval_only) / "tokenizer")
+        if self.cfg.data.tokenizer:
+            return load_tokenizer(self.cfg.data.tokenizer)
+        root = data.houses if data.houses is not None else self.run.out
+        folder = root / f"tokenizer-{self.cfg.data.dataset}-{self.cfg.data.vocab_size}"
+        acc = self.run.accelerator
+        with acc.main_process_first():
+            if acc.is_main_process and not (folder / "config.json").is_file():
+                texts = [e.instruction for e in data.episodes["train"]]
+                train_tokenizer(texts, folder, self.cfg.data.vocab_size)
+        return load_tokenizer(folder)
+
+    def _encode(self, episodes):
+        tokens, lengths = encode_instructions(
+            self.tokenizer, episodes, self.cfg.agent.max_instruction
+        )
+        return tokens.to(self.run.accelerator.device), lengths.to(self.run.accelerator.device)
+
+    def optimizers(self, model: nn.Module, total_steps: int) -> list[OptimizerSpec]:
+        # EnvDrop: RMSprop at a constant lr.
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.RMSprop(params, lr=self.cfg.optim.lr)
+        return [
+            OptimizerSpec("rmsprop", opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
+        ]
+
+    def record_ids(self, batch) -> list[Any]:
+        return [e.instr_id for e in batch["episodes"]]
+
+    def training_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        episodes = batch["episodes"]
+        tokens, lengths = self._encode(episodes)
+        return model(self.env, episodes, tokens, lengths, self.cfg.rl)
+
+    # ---- evaluation
+    def _eval_episodes(self, split: str):
+        eps = self.data.episodes[split]
+        return eps[: self.cfg.data.max_eval] if self.cfg.data.max_eval else eps
+
+    @torch.no_grad()
+    def _greedy(self, agent: Follower, split: str, zero_vision: bool) -> list[dict]:
+        """Greedy trajectories of every episode of `split`, gathered from all processes (each
+        runs a contiguous shard; the order is the split's)."""
+        acc = self.run.accelerator
+        eps = self._eval_episodes(split)
+        shard = np.array_split(np.arange(len(eps)), acc.num_processes)[acc.process_index]
+        mine = [eps[i] for i in shard]
+        was = agent.training
+        agent.eval()
+        out = []
+        step = self.cfg.train.eval_batch_size
+        for start in range(0, len(mine), step):
+            part = mine[start : start + step]
+            tokens, lengths = self._encode(part)
+            rollout(
+                agent, self.env, part, tokens, lengths, feedback="argmax", zero_vision=zero_vision
+            )
+            out += self.env.trajectories()
+        agent.train(was)
+        return gather_object(out) if acc.num_processes > 1 else out
+
+    def _score_split(self, split: str, results: list[dict]) -> dict:
+        metrics, _ = evaluate_nav(self._eval_episodes(split), results, self.data.graphs)
+        return metrics
+
+    def evaluate(self, model: nn.Module, split: str) -> tuple[Any, dict | None]:
+        inner = self.run.accelerator.unwrap_model(model)
+        results, metrics = {}, {}
+        for s in EVAL_SPLITS:
+            if s in self.data.episodes:
+                results[s] = self._greedy(inner.agent, s, False)
+                metrics[s] = self._score_split(s, results[s])
+        if inner.blind is not None:
+            blind = {s: self._score_split(s, self._greedy(inner.blind, s, True)) for s in metrics}
+            metrics["no_vision"] = blind
+            if self.blind_best is None or self._key(blind) > self._key(self.blind_best):
+                self.blind_best = blind
+        return results, metrics
+
+    def _key(self, m: dict) -> float:
+        split = "val_unseen" if "val_unseen" in m else "val_seen"
+        return float(m[split]["success_rate" if self.cfg.data.dataset == "r2r" else "ndtw"])
+
+    def score(self, metrics: dict) -> float:
+        return self._key(metrics)
+
+    def scalars(self, metrics: dict) -> dict[str, float]:
+        return {
+            f"{s}/{k}": float(metrics[s][k]) for s in EVAL_SPLITS if s in metrics for k in METRICS
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"blind_best": self.blind_best}
+
+    def load_state_dict(self, state) -> None:
+        self.blind_best = state.get("blind_best")
+
+    def save_best(self, folder: Path, model: nn.Module, best: dict, results: Any) -> None:
+        meta = {"epoch": best["epoch"], "step": best["step"], "val": best["val"],
+                "features": str(self.data.features), "feature_dim": int(self.env.features.shape[-1])}  # fmt: skip
+        files = {"config.yaml": yaml.safe_dump(to_dict(self.cfg), sort_keys=False),
+                 "tokenizer": self.tokenizer.save, "meta.json": meta}  # fmt: skip
+        save_model_dir(folder, model.state_dict(), files)
+        for split, trajs in results.items():
+            self.run.write_json(f"results_{split}.json", trajs)
+
+    def evaluate_only(self) -> dict[str, Any]:
+        """--eval-only best/: the saved agent (and no-vision twin) on val_seen / val_unseen."""
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(self.eval_only) / "model.safetensors"))
+        self.model.load_state_dict(state)
+        model = self.run.accelerator.prepare(self.model)
+        results, metrics = self.evaluate(model, "val")
+        for split, trajs in results.items():
+            self.run.write_json(f"results_{split}.json", trajs)
+        return {**{s: metrics[s] for s in EVAL_SPLITS if s in metrics},
+                "baselines": {**self.baselines, **({"no_vision": metrics["no_vision"]}
+                                                   if "no_vision" in metrics else {})},
+                "evaluated": str(self.eval_only)}  # fmt: skip
+
+    # ---- baselines and the report
+    def _baselines(self) -> dict[str, dict]:
+        out: dict[str, dict] = {"random": {}, "forward": {}}
+        for split in EVAL_SPLITS:
+            if split not in self.data.episodes:
+                continue
+            eps = self._eval_episodes(split)
+            rng = np.random.default_rng(self.cfg.train.seed)
+            random_trajs, forward_trajs = [], []
+            for start in range(0, len(eps), 256):
+                part = eps[start : start + 256]
+                random_trajs += forward_walk(self.env, part, rng=rng)
+                forward_trajs += forward_walk(self.env, part)
+            out["random"][split] = self._score_split(split, random_trajs)
+            out["forward"][split] = self._score_split(split, forward_trajs)
+        return out
+
+    def report(self, result) -> dict[str, Any]:
+        best = result.best["val"] if result.best else result.final
+        baselines = dict(self.baselines)
+        if self.blind_best is not None:
+            baselines["no_vision"] = self.blind_best
+        agent = {s: best[s] for s in EVAL_SPLITS if s in best}
+        return {**agent, "baselines": baselines, "best_epoch": result.best and result.best["epoch"],
+                "history": result.history, "steps": result.steps,
+                "train_samples_per_s": result.train_samples_per_s,
+                "data": "houses" if self.data.houses else "real",
+                "skipped": self.data.skipped}  # fmt: skip
+
+    def finish_report(self, report: dict[str, Any]) -> dict[str, Any]:
+        report.update(peak_memory=peak_memory(self.run.accelerator.device),
+                      seconds=time.monotonic() - self.started)  # fmt: skip
+        return report
+
+    def print_report(self, report: dict[str, Any]) -> None:
+        rows = [("agent", {s: report[s] for s in EVAL_SPLITS if s in report})]
+        rows += list(report["baselines"].items())
+        head = "| | " + " | ".join(
+            f"{s} {m}" for s in EVAL_SPLITS for m in ("NE", "SR", "SPL", "nDTW", "SDTW")
+        )
+        print(head + " |\n|" + "---|" * (1 + 5 * len(EVAL_SPLITS)))
+        for name, m in rows:
+            cells = []
+            for s in EVAL_SPLITS:
+                v = m.get(s)
+                cells += (
+                    ["-"] * 5
+                    if v is None
+                    else [f"{v['nav_error']:.2f}"]
+                    + [f"{100 * v[k]:.1f}" for k in ("success_rate", "spl", "ndtw", "sdtw")]
+                )
+            print(f"| {name} | " + " | ".join(cells) + " |")
+        if "no_vision" in report["baselines"] and "val_unseen" in report:
+            margin = (
+                report["val_unseen"]["success_rate"]
+                - report["baselines"]["no_vision"]["val_unseen"]["success_rate"]
+            )
+            print(f"val_unseen SR margin over no vision: {100 * margin:+.1f} points")
+        print(f"{report.get('seconds', 0):.0f} s; metrics.json in {self.run.out}")
 
 
 def _arguments(kind: str):
@@ -15,11 +344,8 @@ def _arguments(kind: str):
         what = "R2R_*.json (or EnvDrop-format paths)" if kind == "r2r" else "rxr_*_guide.jsonl[.gz]"
         p.add_argument("--episodes", required=True, help=what)
         p.add_argument("--connectivity", required=True, help="Matterport connectivity/ folder")
-        p.add_argument(
-            "--results",
-            required=True,
-            help='[{"instr_id", "trajectory": [[vp, heading, elevation], ...]}]',
-        )
+        p.add_argument("--results", required=True,
+                       help='[{"instr_id", "trajectory": [[vp, heading, elevation], ...]}]')  # fmt: skip
         p.add_argument("--per-item", help="write each instruction's numbers to this JSON file")
         if kind == "rxr":
             p.add_argument("--languages", help="comma list, e.g. en,hi-IN (default: all)")

@@ -1,0 +1,133 @@
+"""R2R-EnvDrop's follower (airsplay/R2R-EnvDrop r2r_src/model.py, which CLIP-ViL's VLN code uses
+unchanged but for the feature size), on `NavObservation`s.
+
+Encoder: word embedding -> bidirectional LSTM; the decoder's first state is tanh(Linear) of the
+last forward/backward states. Decoder step: the previous action's angle feature -> Linear ->
+tanh (64); soft-dot attention of the previous hidden state over the 36 views [feature ; angle];
+an LSTMCell over [action embedding ; attended view]; soft-dot attention over the instruction
+gives h_tilde; candidate logits are dot products of Linear(h_tilde) with each candidate's
+[feature ; angle], STOP being a zero candidate after the real ones (logit 0). A critic reads
+h_tilde. Feature dropout drops visual channels only, never the angle features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cliptransfer.config import ConfigError, check_range
+
+__all__ = ["Follower", "FollowerConfig", "SoftDotAttention"]
+
+
+@dataclass
+class FollowerConfig:
+    word_embed: int = 256
+    hidden: int = 512  # decoder; the bidirectional encoder has hidden/2 per direction
+    angle_embed: int = 64
+    dropout: float = 0.5
+    feat_dropout: float = 0.3  # visual channels of views and candidates
+    max_instruction: int = 80  # tokens kept (EnvDrop's maxInput)
+
+    def __post_init__(self) -> None:
+        for name in ("word_embed", "hidden", "angle_embed", "max_instruction"):
+            check_range(name, getattr(self, name), gt=0)
+        if self.hidden % 2:
+            raise ConfigError(f"hidden: must be even (a bidirectional encoder), got {self.hidden}")
+        check_range("dropout", self.dropout, ge=0, lt=1)
+        check_range("feat_dropout", self.feat_dropout, ge=0, lt=1)
+
+
+class SoftDotAttention(nn.Module):
+    """EnvDrop's SoftDotAttention: query -> Linear -> dot with the context, softmax over the
+    unmasked positions; returns (weighted context, weights) or the raw logits."""
+
+    def __init__(self, query_dim: int, ctx_dim: int) -> None:
+        super().__init__()
+        self.linear_in = nn.Linear(query_dim, ctx_dim, bias=False)
+
+    def logits(self, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return (context @ self.linear_in(h).unsqueeze(2)).squeeze(2)  # (B, L)
+
+    def forward(self, h: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None):
+        logit = self.logits(h, context)
+        if mask is not None:
+            logit = logit.masked_fill(~mask, float("-inf"))
+        attn = torch.softmax(logit, dim=1)
+        return (attn.unsqueeze(1) @ context).squeeze(1), attn  # (B, C), (B, L)
+
+
+class Follower(nn.Module):
+    def __init__(self, cfg: FollowerConfig, vocab_size: int, feature_dim: int, angle_dim: int,
+                 pad_id: int = 0, critic: bool = True) -> None:  # fmt: skip
+        super().__init__()
+        self.cfg, self.feature_dim, self.angle_dim = cfg, feature_dim, angle_dim
+        h = cfg.hidden
+        self.embedding = nn.Embedding(vocab_size, cfg.word_embed, padding_idx=pad_id)
+        self.encoder = nn.LSTM(cfg.word_embed, h // 2, batch_first=True, bidirectional=True)
+        self.encoder2decoder = nn.Linear(h, h)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.drop_env = nn.Dropout(cfg.feat_dropout)
+        feat = feature_dim + angle_dim
+        self.angle_embedding = nn.Linear(angle_dim, cfg.angle_embed)
+        self.feat_att = SoftDotAttention(h, feat)
+        self.lstm = nn.LSTMCell(cfg.angle_embed + feat, h)
+        self.text_att = SoftDotAttention(h, h)
+        self.text_out = nn.Linear(2 * h, h, bias=False)
+        self.cand_att = SoftDotAttention(h, feat)
+        # Only A2C needs the critic (an unused module would stall DDP's gradient reduction).
+        self.critic = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Dropout(cfg.dropout),
+                                    nn.Linear(h, 1)) if critic else None  # fmt: skip
+
+    def encode(self, tokens: torch.Tensor, lengths: torch.Tensor):
+        """tokens (B, L) padded, lengths (B,) -> ctx (B, L, H), ctx_mask (B, L), (h0, c0)."""
+        emb = self.drop(self.embedding(tokens))
+        packed = nn.utils.rnn.pack_padded_sequence(
+            emb, lengths.cpu(), batch_first=True, enforce_sorted=False
+        )
+        out, (h_n, c_n) = self.encoder(packed)
+        ctx, _ = nn.utils.rnn.pad_packed_sequence(
+            out, batch_first=True, total_length=tokens.shape[1]
+        )
+        h_t = torch.cat([h_n[-1], h_n[-2]], -1)  # EnvDrop: the last layer's backward, forward
+        c_t = torch.cat([c_n[-1], c_n[-2]], -1)
+        decoder_init = torch.tanh(self.encoder2decoder(h_t))
+        mask = torch.arange(tokens.shape[1], device=tokens.device)[None] < lengths[:, None]
+        return self.drop(ctx), mask, (decoder_init, c_t)
+
+    def _visual(self, features: torch.Tensor, angles: torch.Tensor, env_mask: torch.Tensor | None):
+        """[dropped visual features ; angle features]; `env_mask` (B, D) is a per-episode channel
+        mask (environmental dropout) applied to every view and step instead of feature dropout."""
+        if env_mask is not None:
+            features = features * env_mask.unsqueeze(1)
+        else:
+            features = self.drop_env(features)
+        return torch.cat([features, angles], -1)
+
+    def step(self, ob, prev_angle: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor],
+             ctx: torch.Tensor, ctx_mask: torch.Tensor, env_mask: torch.Tensor | None = None,
+             zero_vision: bool = False):  # fmt: skip
+        """One decision as EnvDrop's AttnDecoderLSTM: the recurrent state is (h_tilde, c) of
+        the last step (EnvDrop feeds h_tilde back as the LSTM's h). Returns (logits (B, K + 1),
+        STOP at index cand_count, masked; the new state; h1 (B, H), the critic's input).
+        `prev_angle` (B, A): the last action's angle feature (zeros at the start)."""
+        views, cands = ob.views, ob.cand_views
+        if zero_vision:  # the "no vision" ablation: same agent, visual channels zeroed
+            views, cands = torch.zeros_like(views), torch.zeros_like(cands)
+        views = self._visual(views, ob.view_angles, env_mask)  # (B, 36, D + A)
+        cands = self._visual(cands, ob.cand_angles, env_mask)  # (B, K, D + A)
+        h_prev, c = state
+        action = self.drop(torch.tanh(self.angle_embedding(prev_angle)))  # (B, 64)
+        attended, _ = self.feat_att(self.drop(h_prev), views)  # (B, D + A)
+        h1, c1 = self.lstm(torch.cat([action, attended], -1), (h_prev, c))
+        h1_drop = self.drop(h1)
+        text, _ = self.text_att(h1_drop, ctx, ctx_mask)  # (B, H)
+        h_tilde = torch.tanh(self.text_out(torch.cat([text, h1_drop], -1)))
+        logit = self.cand_att.logits(self.drop(h_tilde), cands)  # (B, K)
+        logit = logit.masked_fill(~ob.cand_mask, float("-inf"))
+        # STOP: a zero candidate right after the real ones -> logit 0 at index cand_count.
+        full = torch.nn.functional.pad(logit, (0, 1), value=float("-inf"))
+        full = full.scatter(1, ob.cand_count.unsqueeze(1), 0.0)
+        return full, (h_tilde, c1), h1

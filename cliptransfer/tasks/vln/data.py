@@ -1,0 +1,132 @@
+"""What a VLN run reads: episodes, navigation graphs, 36-view features and the instruction
+tokenizer — the Shapes houses (generated, features extracted and tokenizer trained once, cached)
+by default, or real R2R / RxR files."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cliptransfer.config import ConfigError, check_range
+from cliptransfer.nav.episodes import Episode, check_episodes, load_r2r, load_rxr
+from cliptransfer.nav.graph import NavGraph, load_graphs
+
+__all__ = ["VLNData", "VLNDataConfig", "load_vln_data"]
+
+SPLITS = ("train", "val_seen", "val_unseen")
+
+
+@dataclass
+class VLNDataConfig:
+    dataset: str = "r2r"  # r2r | rxr: the file format and the metric that picks the best epoch
+    # Real data: R2R JSON / RxR guide JSONL(.gz) per split and the connectivity folder; all
+    # empty = the Shapes houses (generated on first use).
+    train: str = ""
+    val_seen: str = ""
+    val_unseen: str = ""
+    connectivity: str = ""
+    features: str = ""  # a "views" store; empty = extracted from the houses' skyboxes
+    languages: str = ""  # RxR: comma list ("en,hi-IN"); empty = all
+    tokenizer: str = ""  # a tokenizer folder; empty = SentencePiece trained on train
+    vocab_size: int = 1000  # of that SentencePiece (clamped to what the text supports)
+    skip_missing: bool = False  # count and drop bad episodes instead of failing
+    max_eval: int = 0  # evaluate at most this many episodes per split (0 = all)
+    # The Shapes houses: size, seed and optionally root (default: the cache folder).
+    houses: dict = field(default_factory=lambda: {"size": "small", "seed": 0})
+    camera: str = "128x96"  # views rendered for the houses' features (WIDTHxHEIGHT)
+
+    def __post_init__(self) -> None:
+        if self.dataset not in ("r2r", "rxr"):
+            raise ConfigError(f"dataset: 'r2r' or 'rxr', got {self.dataset!r}")
+        check_range("vocab_size", self.vocab_size, gt=0)
+        check_range("max_eval", self.max_eval, ge=0)
+
+    @property
+    def real(self) -> bool:
+        return bool(self.train or self.val_unseen)
+
+
+@dataclass
+class VLNData:
+    episodes: dict[str, list[Episode]]
+    graphs: dict[str, NavGraph]
+    features: Path
+    skipped: dict[str, dict[str, int]]
+    houses: Path | None
+
+
+def _load(path: str, dataset: str, languages: str) -> list[Episode]:
+    if dataset == "r2r":
+        return load_r2r(path)
+    return load_rxr(path, languages=languages.split(",") if languages else None)
+
+
+def houses_files(root: Path, dataset: str) -> dict[str, str]:
+    if dataset == "r2r":
+        return {s: str(root / "r2r" / f"R2R_{s}.json") for s in SPLITS}
+    return {s: str(root / "rxr" / f"rxr_{s}_guide.jsonl.gz") for s in SPLITS}
+
+
+def views_store_name(backbone: str, camera: str) -> str:
+    tag = "default" if backbone == "default" else hashlib.sha256(backbone.encode()).hexdigest()[:12]
+    return f"views-{tag}-{camera}"
+
+
+def load_vln_data(
+    cfg: VLNDataConfig, backbone: str, accelerator, *, need_train: bool = True
+) -> VLNData:
+    """Episodes of every split checked against the graphs, and the views store (extracted from
+    the houses on the main process first when the data is the default)."""
+    houses = None
+    if cfg.real:
+        missing = [k for k in ("val_unseen", "connectivity", "features") if not getattr(cfg, k)]
+        if need_train and not cfg.train:
+            missing.insert(0, "train")
+        if missing:
+            raise ConfigError(f"real VLN data needs data.{', data.'.join(missing)} as well")
+        files = {s: getattr(cfg, s) for s in SPLITS if getattr(cfg, s)}
+        connectivity, features = Path(cfg.connectivity), Path(cfg.features)
+    else:
+        from cliptransfer.nav.extract_views import extract_views
+        from cliptransfer.worlds.houses import default_houses_dir, prepare_houses
+
+        size, seed = cfg.houses.get("size", "small"), int(cfg.houses.get("seed", 0))
+        houses = (
+            Path(cfg.houses["root"]) if cfg.houses.get("root") else default_houses_dir(size, seed)
+        )
+        width, height = (int(v) for v in cfg.camera.lower().split("x"))
+        features = houses / views_store_name(backbone, cfg.camera)
+        with accelerator.main_process_first():
+            if accelerator.is_main_process:
+                prepare_houses(houses, size, seed)
+                extract_views(backbone, houses / "r2r" / "connectivity", features,
+                              skyboxes=houses / "scans", width=width, height=height)  # fmt: skip
+        files, connectivity = houses_files(houses, cfg.dataset), houses / "r2r" / "connectivity"
+    episodes, skipped = {}, {}
+    for split, path in files.items():
+        if split == "train" and not need_train:
+            continue
+        loaded = _load(path, cfg.dataset, cfg.languages)
+        episodes[split] = loaded
+    scans = sorted({e.scan for eps in episodes.values() for e in eps})
+    graphs = load_graphs(connectivity, scans)
+    for split in list(episodes):
+        episodes[split], skipped[split] = check_episodes(episodes[split], graphs,
+                                                         cfg.skip_missing)  # fmt: skip
+    return VLNData(episodes, graphs, features, skipped, houses)
+
+
+def train_tokenizer(texts: list[str], out: Path, vocab_size: int):
+    """A SentencePiece tokenizer of the training instructions (all languages), written to `out`
+    (deterministic: the same text gives the same model)."""
+    from cliptransfer.tokenization.spiece import train_sentencepiece
+
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = out / "train_text.txt"
+    corpus.write_text("".join(t.replace("\n", " ") + "\n" for t in texts), encoding="utf-8")
+    import warnings
+
+    with warnings.catch_warnings():  # a small corpus clamps the vocabulary: expected here
+        warnings.simplefilter("ignore", UserWarning)
+        return train_sentencepiece(corpus, vocab_size, out, character_coverage=1.0)

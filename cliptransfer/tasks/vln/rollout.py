@@ -1,0 +1,159 @@
+"""Episodes of the follower in a `NavEnv`: R2R-EnvDrop's `Seq2SeqAgent.rollout` (r2r_src/agent.py)
+and the baselines scored next to it.
+
+- Imitation ("teacher"): the teacher's action is both the target and the action taken;
+  ml_loss = sum over steps of the cross entropy (ended episodes ignored).
+- A2C ("sample"): actions sampled from the policy; reward per step = +2 / -2 for stopping within
+  / beyond 3 m of the goal, else the sign of the distance gained (+1 / -1; 0 where a move keeps
+  the distance); returns discounted by gamma from the critic's value of the last state for
+  episodes that did not stop; loss = sum of -log p(a) * advantage + 0.5 * (return - value)^2
+  - 0.01 * entropy, divided by the number of live steps (EnvDrop's normalize_loss="total").
+- "argmax": greedy evaluation.
+Baselines: Matterport3DSimulator's R2R RandomAgent (turn to a random heading, then walk forward
+5 steps) and the forward-only agent (the same without the random turn).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cliptransfer.nav.env import IGNORE_ACTION, NavEnv, NavObservation
+from cliptransfer.nav.episodes import Episode
+
+__all__ = ["encode_instructions", "forward_walk", "rollout"]
+
+SUCCESS_REWARD = 2.0
+
+
+def encode_instructions(
+    tokenizer, episodes: list[Episode], max_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens (B, L) padded with the tokenizer's pad id, lengths (B,)): the words, cut to
+    max_len - 1, then EOT (EnvDrop appends <EOS>)."""
+    rows = [tokenizer.tokenize_words(e.instruction)[: max_len - 1] + [tokenizer.eot_id]
+            for e in episodes]  # fmt: skip
+    longest = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), longest), tokenizer.pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = torch.tensor(r)
+    return tokens, torch.tensor([len(r) for r in rows])
+
+
+def _to(ob: NavObservation, device: torch.device) -> NavObservation:
+    return NavObservation(**{f.name: getattr(ob, f.name).to(device) for f in fields(ob)})
+
+
+def rollout(model, env: NavEnv, episodes: list[Episode], tokens: torch.Tensor,
+            lengths: torch.Tensor, *, feedback: str, ml_weight: float | None = None,
+            rl: bool = False, gamma: float = 0.9, entropy_weight: float = 0.01,
+            env_mask: torch.Tensor | None = None, zero_vision: bool = False) -> dict:  # fmt: skip
+    """Run one batch of episodes to the end. Returns {"loss" (when training), "ml_loss",
+    "rl_loss", "steps"}; the trajectories stay in `env.trajectories()`."""
+    if feedback not in ("teacher", "sample", "argmax"):
+        raise ValueError(f"feedback {feedback!r}: use teacher, sample or argmax")
+    device = tokens.device
+    ob = env.reset(episodes)
+    ctx, ctx_mask, state = model.encode(tokens, lengths)
+    batch = len(episodes)
+    prev_angle = torch.zeros(batch, env.tables.view_angles.shape[-1], device=device)
+    stopped = np.zeros(batch, bool)
+    last_dist = ob.distance.numpy().copy()
+    ml_loss = torch.zeros((), device=device)
+    rewards, masks, log_probs, entropies, values_in = [], [], [], [], []
+    steps = 0
+    while not env.done:
+        dev_ob = _to(ob, device)
+        logits, state, h1 = model.step(dev_ob, prev_angle, state, ctx, ctx_mask, env_mask,
+                                       zero_vision)  # fmt: skip
+        if ml_weight is not None:
+            ml_loss = ml_loss + F.cross_entropy(logits, dev_ob.teacher, ignore_index=IGNORE_ACTION,
+                                                reduction="sum")  # fmt: skip
+        if feedback == "teacher":
+            action = dev_ob.teacher.clamp(min=0)
+        elif feedback == "argmax":
+            action = logits.argmax(1)
+        else:
+            dist = torch.distributions.Categorical(logits=logits)
+            action = dist.sample()
+            log_probs.append(dist.log_prob(action))
+            entropies.append(dist.entropy())
+            values_in.append(h1)
+        action_cpu = action.cpu()
+        k = ob.cand_angles.shape[1]
+        moved = (action < dev_ob.cand_count).unsqueeze(1)
+        prev_angle = dev_ob.cand_angles[torch.arange(batch, device=device),
+                                        action.clamp(max=k - 1)] * moved  # fmt: skip
+        live = ~stopped
+        stop_now = live & (action_cpu.numpy() == ob.cand_count.numpy())
+        ob = env.step(action_cpu)
+        steps += 1
+        if rl:
+            dist_now = ob.distance.numpy()
+            reward = np.where(stop_now, np.where(dist_now < 3.0, SUCCESS_REWARD, -SUCCESS_REWARD),
+                              np.sign(last_dist - dist_now))  # fmt: skip
+            rewards.append(np.where(live, reward, 0.0).astype(np.float32))
+            masks.append(live.astype(np.float32))
+            last_dist = dist_now.copy()
+        stopped |= stop_now
+    out = {"ml_loss": ml_loss.detach(), "steps": steps}
+    loss = torch.zeros((), device=device)
+    if ml_weight is not None:
+        loss = loss + ml_loss * ml_weight / batch
+    if rl:
+        if feedback != "sample":
+            raise ValueError("the A2C loss needs sampled actions (feedback='sample')")
+        with torch.no_grad():  # the critic's value of the final state, for unfinished episodes
+            _, _, h_last = model.step(_to(ob, device), prev_angle, state, ctx, ctx_mask, env_mask,
+                                      zero_vision)  # fmt: skip
+            last_value = model.critic(h_last).squeeze(1)
+        ret = torch.where(torch.from_numpy(stopped).to(device), 0.0, last_value)
+        rl_loss, total = torch.zeros((), device=device), 0.0
+        for t in range(len(rewards) - 1, -1, -1):
+            ret = ret * gamma + torch.from_numpy(rewards[t]).to(device)
+            mask = torch.from_numpy(masks[t]).to(device)
+            value = model.critic(values_in[t]).squeeze(1)
+            advantage = (ret - value).detach()
+            rl_loss = rl_loss + (-log_probs[t] * advantage * mask).sum()
+            rl_loss = rl_loss + ((ret - value) ** 2 * mask).sum() * 0.5
+            rl_loss = rl_loss - entropy_weight * (entropies[t] * mask).sum()
+            total += float(masks[t].sum())
+        rl_loss = rl_loss / max(total, 1.0)
+        loss = loss + rl_loss
+        out["rl_loss"] = rl_loss.detach()
+    out["loss"] = loss
+    return out
+
+
+def forward_walk(env: NavEnv, episodes: list[Episode], *, steps: int = 5,
+                 rng: np.random.Generator | None = None) -> list[dict]:  # fmt: skip
+    """Matterport3DSimulator's RandomAgent when `rng` is given (a random start heading), the
+    forward-only agent otherwise: each step, the candidate nearest straight ahead (within 90 deg
+    of the walker's heading, else stop), `steps` moves, then stop. Returns the trajectories."""
+    ob = env.reset(episodes)
+    heading = np.array([e.heading for e in episodes], np.float64)
+    if rng is not None:
+        heading = rng.uniform(0, 2 * math.pi, len(episodes))
+    t = env.tables
+    for _ in range(steps):
+        vp = ob.viewpoint.numpy()
+        count = ob.cand_count.numpy()
+        k = ob.cand_viewpoint.shape[1]
+        # Absolute heading of each candidate (EnvDrop's normalized_heading).
+        absolute = t.cand_state_heading[vp, :k] + t.cand_rel_heading[vp, :k]
+        off = np.abs((absolute - heading[:, None] + math.pi) % (2 * math.pi) - math.pi)
+        off[~ob.cand_mask.numpy()] = np.inf
+        best = off.argmin(1)
+        ahead = off[np.arange(len(vp)), best] < math.pi / 2
+        action = np.where(ahead, best, count)
+        heading = np.where(ahead, absolute[np.arange(len(vp)), best], heading)
+        ob = env.step(action)
+        if env.done:
+            break
+    if not env.done:
+        env.step(ob.cand_count.numpy())
+    return env.trajectories()

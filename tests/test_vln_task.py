@@ -1,0 +1,168 @@
+"""tasks/vln.py: EnvDrop's follower, its rollouts (imitation, A2C, greedy) and the task end to end
+on the tiny Shapes houses (metrics.json, results scored by `cliptransfer evaluate r2r`, resume)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from cliptransfer.cli import main as cli
+from cliptransfer.engine import run_task
+from cliptransfer.fileio import read_json
+from cliptransfer.nav import NavEnv, NavTables, load_graphs, load_r2r
+from cliptransfer.tasks.vln.agent import Follower, FollowerConfig
+from cliptransfer.tasks.vln.rollout import forward_walk, rollout
+from cliptransfer.tasks.vln.task import VLNTask
+from cliptransfer.worlds.houses import prepare_houses
+
+SMALL = ["--set", "agent.hidden=32", "--set", "agent.word_embed=16", "--set",
+         "agent.angle_embed=8", "--set", "max_steps=8", "--set", "train.batch_size=16",
+         "--set", "train.num_threads=1", "--set", "data.camera=64x48",
+         "--set", "data.vocab_size=120", "--set", "data.houses.size=tiny"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def houses(tmp_path_factory):
+    return prepare_houses(tmp_path_factory.mktemp("vln") / "houses", "tiny", seed=0, workers=1)
+
+
+@pytest.fixture(scope="module")
+def world(houses):
+    eps = load_r2r(houses / "r2r" / "R2R_train.json")
+    graphs = load_graphs(houses / "r2r" / "connectivity")
+    tables = NavTables.build(graphs)
+    feats = torch.randn(len(tables), 36, 12, generator=torch.Generator().manual_seed(0))
+    return eps, graphs, NavEnv(tables, feats, max_steps=10)
+
+
+def _agent(env, vocab=50):
+    torch.manual_seed(0)
+    cfg = FollowerConfig(word_embed=16, hidden=32, angle_embed=8)
+    return Follower(cfg, vocab, env.features.shape[-1], env.tables.view_angles.shape[-1])
+
+
+def _tokens(n, length=7):
+    tokens = torch.randint(1, 50, (n, length), generator=torch.Generator().manual_seed(1))
+    return tokens, torch.full((n,), length)
+
+
+def test_follower_step_puts_stop_after_the_candidates(world):
+    eps, _, env = world
+    agent = _agent(env).eval()
+    ob = env.reset(eps[:4])
+    tokens, lengths = _tokens(4)
+    ctx, mask, state = agent.encode(tokens, lengths)
+    prev = torch.zeros(4, 128)
+    logits, (h, c), h1 = agent.step(ob, prev, state, ctx, mask)
+    k = ob.cand_angles.shape[1]
+    assert logits.shape == (4, k + 1) and h.shape == c.shape == h1.shape == (4, 32)
+    for i in range(4):
+        n = int(ob.cand_count[i])
+        assert logits[i, n] == 0.0  # STOP: the zero candidate
+        assert torch.isfinite(logits[i, :n]).all() and torch.isinf(logits[i, n + 1 :]).all()
+
+
+def test_teacher_rollout_reaches_every_goal_and_a2c_trains_the_critic(world):
+    eps, graphs, env = world
+    agent = _agent(env)
+    tokens, lengths = _tokens(8)
+    out = rollout(agent, env, eps[:8], tokens, lengths, feedback="teacher", ml_weight=1.0)
+    assert torch.isfinite(out["loss"]) and out["loss"] > 0
+    for ep, traj in zip(eps[:8], env.trajectories(), strict=True):
+        assert traj["trajectory"][-1][0] == ep.goal
+    out = rollout(agent, env, eps[:8], tokens, lengths, feedback="sample", rl=True)
+    out["loss"].backward()
+    assert agent.critic[0].weight.grad.abs().sum() > 0
+    assert agent.cand_att.linear_in.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="sampled actions"):
+        rollout(agent, env, eps[:2], tokens[:2], lengths[:2], feedback="argmax", rl=True)
+
+
+def test_forward_walker_goes_straight_five_steps(world):
+    eps, graphs, env = world
+    trajs = forward_walk(env, eps[:6])
+    for ep, t in zip(eps[:6], trajs, strict=True):
+        vps = [s[0] for s in t["trajectory"]]
+        moves = [v for i, v in enumerate(vps) if i and v != vps[i - 1]]
+        assert len(moves) <= 5 and vps[0] == ep.start
+        p = [graphs[ep.scan].position(v) for v in [vps[0], *moves]]
+        heading = ep.heading
+        for a, b in zip(p, p[1:], strict=False):  # every move within 90 deg of the last heading
+            h = math.atan2(b[0] - a[0], b[1] - a[1])
+            assert abs((h - heading + math.pi) % (2 * math.pi) - math.pi) < math.pi / 2
+            heading = h
+
+
+def test_task_end_to_end_metrics_results_and_eval_only(houses, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [*SMALL, "--set", f"data.houses.root={houses}", "--set", "train.epochs=2",
+            "--set", f"train.out_dir={out}"]  # fmt: skip
+    report = run_task(VLNTask, argv)
+    metrics = read_json(out / "metrics.json")
+    for split in ("val_seen", "val_unseen"):
+        assert set(metrics[split]) >= {"nav_error", "success_rate", "spl", "ndtw", "sdtw"}
+        for name in ("random", "forward", "no_vision"):
+            assert 0 <= metrics["baselines"][name][split]["success_rate"] <= 1
+    assert report["val_unseen"] == metrics["val_unseen"]
+    printed = capsys.readouterr().out
+    assert "| agent |" in printed and "| no_vision |" in printed
+    # The saved results are what `cliptransfer evaluate r2r` scores to the same numbers.
+    rc = cli(["evaluate", "r2r", "--episodes", str(houses / "r2r" / "R2R_val_unseen.json"),
+              "--connectivity", str(houses / "r2r" / "connectivity"),
+              "--results", str(out / "results_val_unseen.json")])  # fmt: skip
+    assert rc == 0
+    scored = json.loads(capsys.readouterr().out)
+    best = read_json(out / "best" / "meta.json")["val"]["val_unseen"]
+    assert scored == pytest.approx(best)
+    again = run_task(VLNTask, ["--eval-only", str(out / "best"), "--set",
+                               f"train.out_dir={tmp_path / 'eval'}"])  # fmt: skip
+    assert again["val_unseen"] == pytest.approx(best)
+    # The same checkpoint evaluated by 2 processes (each a shard, gathered): identical numbers.
+    from accelerate import debug_launcher
+
+    debug_launcher(_eval_two, args=(str(out / "best"), str(tmp_path / "eval2")), num_processes=2)
+    two = read_json(tmp_path / "eval2" / "metrics.json")
+    assert {s: two[s] for s in ("val_seen", "val_unseen")} == {
+        s: again[s] for s in ("val_seen", "val_unseen")
+    }
+    assert read_json(tmp_path / "eval2" / "results_val_unseen.json") == read_json(
+        tmp_path / "eval" / "results_val_unseen.json"
+    )
+
+
+def _eval_two(best: str, out: str) -> None:
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    torch.set_num_threads(1)
+    run_task(VLNTask, ["--cpu", "--eval-only", best, "--set", f"train.out_dir={out}",
+                       "--set", "train.num_threads=1"])  # fmt: skip
+
+
+def test_resume_reproduces_the_uninterrupted_run(houses, tmp_path):
+    common = [*SMALL, "--set", f"data.houses.root={houses}", "--set", "train.epochs=1",
+              "--set", "no_vision=false", "--set", "train.save_every_steps=1"]  # fmt: skip
+    full = run_task(VLNTask, [*common, "--set", f"train.out_dir={tmp_path / 'a'}"])
+    part = [*common, "--set", f"train.out_dir={tmp_path / 'b'}"]
+    run_task(VLNTask, [*part, "--set", "train.max_steps=2"])
+    resumed = run_task(VLNTask, [*part, "--resume", "latest"])
+    assert resumed["history"][-1]["train_loss"] == full["history"][-1]["train_loss"]
+    from safetensors.torch import load_file
+
+    def last(run):  # the weights after the last step (best/ may hold the cut run's evaluation)
+        folder = (tmp_path / run / "checkpoints" / "latest").read_text().strip()
+        return load_file(str(tmp_path / run / "checkpoints" / folder / "model.safetensors"))
+
+    a, b = last("a"), last("b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
