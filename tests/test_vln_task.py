@@ -166,3 +166,41 @@ def test_resume_reproduces_the_uninterrupted_run(houses, tmp_path):
 
     a, b = last("a"), last("b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _train_two(houses: str, out: str) -> None:
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    torch.set_num_threads(1)
+    run_task(VLNTask, ["--cpu", *SMALL, "--set", f"data.houses.root={houses}", "--set",
+                       "train.epochs=1", "--set", f"train.out_dir={out}"])  # fmt: skip
+
+
+def test_two_processes_split_the_global_batch(houses, tmp_path):
+    """2 processes (DDP) train on halves of each global batch of 16: the same number of steps
+    and samples as one process; sampled actions and dropout are drawn per rank, so the weights
+    differ from the 1-process run's (EnvDrop has no multi-process mode to compare with)."""
+    from accelerate import debug_launcher
+
+    debug_launcher(_train_two, args=(str(houses), str(tmp_path / "two")), num_processes=2)
+    two = read_json(tmp_path / "two" / "metrics.json")
+    one = run_task(VLNTask, [*SMALL, "--set", f"data.houses.root={houses}", "--set",
+                             "train.epochs=1", "--set", f"train.out_dir={tmp_path / 'one'}"])  # fmt: skip
+    assert two["steps"] == one["steps"] == 3  # 48 training instructions / 16
+    assert set(two["baselines"]) == {"random", "forward", "no_vision"}
+    assert two["baselines"]["forward"] == one["baselines"]["forward"]  # deterministic walkers
+
+
+def test_rxr_one_agent_four_languages(houses, tmp_path, capsys):
+    report = run_task(VLNTask, [*SMALL, "--set", f"data.houses.root={houses}", "--set",
+                                "data.dataset=rxr", "--set", "train.epochs=1", "--set",
+                                "no_vision=false", "--set", f"train.out_dir={tmp_path}"])  # fmt: skip
+    langs = report["val_unseen"]["languages"]
+    assert set(langs) == {"en-US", "en-IN", "hi-IN", "te-IN"}
+    assert "val_unseen by language" in capsys.readouterr().out
+    only = run_task(VLNTask, [*SMALL, "--set", f"data.houses.root={houses}", "--set",
+                              "data.dataset=rxr", "--set", "data.languages=hi-IN", "--set",
+                              "train.max_steps=1", "--set", "no_vision=false", "--set",
+                              f"train.out_dir={tmp_path / 'hi'}"])  # fmt: skip
+    assert "languages" not in only["val_unseen"]  # one language: no per-language table

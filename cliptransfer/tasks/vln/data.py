@@ -127,6 +127,9 @@ def train_tokenizer(texts: list[str], out: Path, vocab_size: int):
     corpus.write_text("".join(t.replace("\n", " ") + "\n" for t in texts), encoding="utf-8")
     import warnings
 
+    # Every character of every script gets a piece (character_coverage 1): with four scripts a
+    # small vocabulary must at least hold them (plus SentencePiece's 3 meta pieces).
+    chars = len({ch for t in texts for ch in t if not ch.isspace()})
     with warnings.catch_warnings():  # a small corpus clamps the vocabulary: expected here
         warnings.simplefilter("ignore", UserWarning)
-        return train_sentencepiece(corpus, vocab_size, out, character_coverage=1.0)
+        return train_sentencepiece(corpus, max(vocab_size, chars + 4), out, character_coverage=1.0)

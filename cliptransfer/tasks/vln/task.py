@@ -219,7 +219,18 @@ class VLNTask(Task):
         return gather_object(out) if acc.num_processes > 1 else out
 
     def _score_split(self, split: str, results: list[dict]) -> dict:
-        metrics, _ = evaluate_nav(self._eval_episodes(split), results, self.data.graphs)
+        episodes = self._eval_episodes(split)
+        metrics, _ = evaluate_nav(episodes, results, self.data.graphs)
+        languages = sorted({e.language for e in episodes if e.language})
+        if len(languages) > 1:  # RxR: the table per language, one agent for all
+            by_id = {r["instr_id"]: r for r in results}
+            metrics["languages"] = {}
+            for lang in languages:
+                sub = [e for e in episodes if e.language == lang]
+                m, _ = evaluate_nav(sub, [by_id[e.instr_id] for e in sub], self.data.graphs)
+                metrics["languages"][lang] = {
+                    k: m[k] for k in ("nav_error", "success_rate", "ndtw")
+                }
         return metrics
 
     def evaluate(self, model: nn.Module, split: str) -> tuple[Any, dict | None]:
@@ -336,6 +347,12 @@ class VLNTask(Task):
                 - report["baselines"]["no_vision"]["val_unseen"]["success_rate"]
             )
             print(f"val_unseen SR margin over no vision: {100 * margin:+.1f} points")
+        langs = report.get("val_unseen", {}).get("languages")
+        if langs:
+            print("\nval_unseen by language | NE | SR | nDTW\n|---|---|---|---|")
+            for lang, m in langs.items():
+                print(f"| {lang} | {m['nav_error']:.2f} | {100 * m['success_rate']:.1f} | "
+                      f"{100 * m['ndtw']:.1f} |")  # fmt: skip
         print(f"{report.get('seconds', 0):.0f} s; metrics.json in {self.run.out}")
 
 
