@@ -1,0 +1,110 @@
+"""Follower training speed and memory at R2R-EnvDrop's setting (tasks/vln.py's model and rollouts).
+
+    python bench/vln_train.py                   # 1 thread, 5 timed iterations (~1-2 min)
+    python bench/vln_train.py --threads 2 --iters 8
+    python bench/vln_train.py --precision bf16           # CPU autocast (AVX512-BF16 / AMX)
+
+Setting (the issue's, so the figures compare with R2R-EnvDrop's own train.py + MatterSim): the
+real R2R val_seen episodes as the training split, random 36 x 512 features for every viewpoint
+of the val_seen + val_unseen scans (../shared/data/r2r or --r2r), EnvDrop's follower sizes
+(word 256, hidden 512, angle 64), batch 64, max 35 actions, one iteration = an imitation rollout
+(teacher forcing) + an A2C rollout (sampled actions) + backward + RMSprop, as EnvDrop's
+`train(feedback="sample")`. A SentencePiece vocabulary of 1000 pieces stands in for EnvDrop's
+word vocabulary (same embedding size).
+
+Printed: ms per batched decision step (both rollouts' steps, forward + backward + update
+amortised), iterations/s, peak RSS (and the features' share). For comparison, R2R-EnvDrop's
+train.py on this class of 2-core CPU at that setting (from the issue): 86 ms per decision step
+on 1 thread (0.6 it/s), 61 ms on 2 threads, peak RSS 3.4 GB; target >= 2x faster, <= 1.5 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from machine import cpu_features, load_average
+
+from cliptransfer.nav import NavEnv, NavTables, load_graphs, load_r2r
+from cliptransfer.tasks.vln.agent import Follower, FollowerConfig
+from cliptransfer.tasks.vln.data import train_tokenizer
+from cliptransfer.tasks.vln.rollout import encode_instructions, rollout
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--r2r", type=Path, default=REPO.parent / "shared" / "data" / "r2r")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--max-steps", type=int, default=35)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="bf16: CPU autocast (what train.precision=bf16 runs)")  # fmt: skip
+    args = ap.parse_args()
+    if not (args.r2r / "connectivity").is_dir():
+        sys.exit(f"no R2R data under {args.r2r}: pass --r2r DIR (../shared/data/r2r)")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"CPU: {cpu_features()}; torch {torch.__version__}, {args.threads} thread(s)")
+    print(f"load before: {load_average()}")
+
+    train = load_r2r(args.r2r / "R2R_val_seen.json")
+    scans = sorted(
+        {e.scan for e in train} | {e.scan for e in load_r2r(args.r2r / "R2R_val_unseen.json")}
+    )
+    graphs = load_graphs(args.r2r / "connectivity", scans)
+    tables = NavTables.build(graphs)
+    features = torch.randn(len(tables), 36, args.dim)
+    env = NavEnv(tables, features, max_steps=args.max_steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = train_tokenizer([e.instruction for e in train], Path(tmp) / "tok", 1000)
+    agent = Follower(FollowerConfig(), tok.vocab_size, args.dim, tables.view_angles.shape[-1])
+    opt = torch.optim.RMSprop(agent.parameters(), lr=1e-4)
+    print(f"{len(scans)} scans, {len(tables)} viewpoints, {len(train)} training instructions, "
+          f"batch {args.batch}, D={args.dim}, max {args.max_steps} actions, {args.precision}; follower "
+          f"{sum(p.numel() for p in agent.parameters()):,} parameters\n")  # fmt: skip
+
+    gen = torch.Generator().manual_seed(0)
+
+    def iteration() -> int:
+        idx = torch.randperm(len(train), generator=gen)[: args.batch].tolist()
+        eps = [train[i] for i in idx]
+        tokens, lengths = encode_instructions(tok, eps, 80)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            il = rollout(agent, env, eps, tokens, lengths, feedback="teacher", ml_weight=0.2)
+            rl = rollout(agent, env, eps, tokens, lengths, feedback="sample", rl=True)
+        opt.zero_grad(set_to_none=True)
+        (il["loss"] + rl["loss"]).backward()
+        torch.nn.utils.clip_grad_norm_(agent.parameters(), 40.0)
+        opt.step()
+        return il["steps"] + rl["steps"]
+
+    iteration()  # warm-up
+    steps, t0 = 0, time.perf_counter()
+    for _ in range(args.iters):
+        steps += iteration()
+    seconds = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    ms = 1000 * seconds / steps
+    print("| measure | ours | R2R-EnvDrop (quoted) |\n|---|---|---|")
+    quoted = {1: 86, 2: 61}.get(args.threads)
+    ratio = f" (**{quoted / ms:.1f}x** faster)" if quoted else ""
+    print(f"| ms per decision step | {ms:.1f}{ratio} | {quoted or '-'} |")
+    print(f"| iterations/s | {args.iters / seconds:.2f} | {'0.6' if args.threads == 1 else '-'} |")
+    print(f"| decision steps per iteration | {steps / args.iters:.1f} | - |")
+    print(f"| peak RSS | {rss:.0f} MB (features {features.nbytes / 2**20:.0f} MB) | 3400 MB |")
+    print(f"\nload after: {load_average()}")
+
+
+if __name__ == "__main__":
+    main()
