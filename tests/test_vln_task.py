@@ -204,3 +204,25 @@ def test_rxr_one_agent_four_languages(houses, tmp_path, capsys):
                               "train.max_steps=1", "--set", "no_vision=false", "--set",
                               f"train.out_dir={tmp_path / 'hi'}"])  # fmt: skip
     assert "languages" not in only["val_unseen"]  # one language: no per-language table
+
+
+def test_speaker_path_features_bleu_and_stage(houses, tmp_path, world):
+    from cliptransfer.tasks.vln.speaker import corpus_bleu, path_features
+
+    eps, graphs, env = world
+    path = path_features(env, eps[:3])
+    for i, ep in enumerate(eps[:3]):  # one step per move plus the STOP step (a zero action)
+        assert int(path.lengths[i]) == len(ep.path)
+        assert not path.actions[i, len(ep.path) - 1].any()
+        assert path.actions[i, 0, -128:].abs().sum() > 0  # the first move's angle feature
+    assert path.views.shape[2:] == (36, 12 + 128)
+    # sacrebleu against several references: an exact copy of one scores 100.
+    assert corpus_bleu(["walk to the red star and stop"], [["walk to the red star and stop",
+                       "go to the star"]]) == pytest.approx(100.0)  # fmt: skip
+    report = run_task(VLNTask, [*SMALL, "--set", f"data.houses.root={houses}", "--set",
+                                "stage=speaker", "--set", "speaker.hidden=32", "--set",
+                                "speaker.word_embed=16", "--set", "train.epochs=1", "--set",
+                                f"train.out_dir={tmp_path}"])  # fmt: skip
+    assert 0 <= report["val_unseen"]["bleu"] <= 100 and report["val_unseen"]["paths"] == 6
+    rows = read_json(tmp_path / "results_val_unseen.json")
+    assert len(rows) == 6 and all(len(r["references"]) == 3 for r in rows)

@@ -21,14 +21,22 @@ from cliptransfer.config import ConfigError, check_range, to_dict
 from cliptransfer.engine.config import RunConfig, TrainConfig
 from cliptransfer.engine.evaluation import peak_memory
 from cliptransfer.engine.optim import OptimConfig, OptimizerSpec
-from cliptransfer.engine.task import EvaluateCommand, Task, register_evaluate, register_task
+from cliptransfer.engine.task import Task, register_task
 from cliptransfer.nav.env import NavEnv
-from cliptransfer.nav.metrics import evaluate_nav, evaluate_nav_files
+from cliptransfer.nav.metrics import evaluate_nav
 from cliptransfer.nav.tables import NavTables, load_view_table
 from cliptransfer.tasks.vl_model import save_model_dir
+from cliptransfer.tasks.vln import evaluate as _evaluate  # noqa: F401 - cliptransfer evaluate r2r|rxr
 from cliptransfer.tasks.vln.agent import Follower, FollowerConfig
 from cliptransfer.tasks.vln.data import VLNDataConfig, load_vln_data, train_tokenizer
 from cliptransfer.tasks.vln.rollout import encode_instructions, forward_walk, rollout
+from cliptransfer.tasks.vln.speaker import (
+    Speaker,
+    SpeakerConfig,
+    SpeakerModel,
+    instruction_tokens,
+    speaker_bleu,
+)
 
 __all__ = ["RLConfig", "VLNConfig", "VLNModel", "VLNTask"]
 
@@ -63,6 +71,11 @@ class VLNConfig(RunConfig):
     backbone: str = "default"  # CLIP for the houses' view features ('default' = packaged)
     max_steps: int = 15  # decisions per episode (EnvDrop's maxAction)
     no_vision: bool = True  # also train the same agent on zeroed visual features (a baseline)
+    # "follower" (IL + A2C) or "speaker" (instructions from paths; best by val_unseen BLEU).
+    stage: str = "follower"
+    speaker: SpeakerConfig = field(
+        default_factory=lambda: SpeakerConfig(word_embed=128, hidden=256)
+    )
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(
             lr=1e-3, weight_decay=0.0, warmup_steps=0, grad_clip=40.0
@@ -76,6 +89,8 @@ class VLNConfig(RunConfig):
 
     def __post_init__(self) -> None:
         check_range("max_steps", self.max_steps, gt=0)
+        if self.stage not in ("follower", "speaker"):
+            raise ConfigError(f"stage: 'follower' or 'speaker', got {self.stage!r}")
 
 
 class VLNModel(nn.Module):
@@ -148,10 +163,13 @@ class VLNTask(Task):
 
         agent, blind = follower(), (follower() if cfg.no_vision else None)
         self.model = VLNModel(agent, blind)
+        if cfg.stage == "speaker":
+            speaker = Speaker(cfg.speaker, vocab, dim, angle, self.tokenizer.pad_id)
+            self.model = SpeakerModel(speaker)
         self.train_data = data.episodes.get("train", [])
         self.collate = lambda items: {"episodes": items}
         self.blind_best: dict | None = None
-        self.baselines = self._baselines()
+        self.baselines = self._baselines() if cfg.stage == "follower" else {}
 
     def _tokenizer(self, data):
         from cliptransfer.tokenization import load_tokenizer
@@ -188,6 +206,9 @@ class VLNTask(Task):
 
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         episodes = batch["episodes"]
+        if self.cfg.stage == "speaker":
+            tokens = instruction_tokens(self.tokenizer, episodes, self.cfg.agent.max_instruction)
+            return model(self.env, episodes, tokens.to(self.run.accelerator.device))
         tokens, lengths = self._encode(episodes)
         return model(self.env, episodes, tokens, lengths, self.cfg.rl)
 
@@ -235,6 +256,8 @@ class VLNTask(Task):
 
     def evaluate(self, model: nn.Module, split: str) -> tuple[Any, dict | None]:
         inner = self.run.accelerator.unwrap_model(model)
+        if self.cfg.stage == "speaker":
+            return self._evaluate_speaker(inner.speaker)
         results, metrics = {}, {}
         for s in EVAL_SPLITS:
             if s in self.data.episodes:
@@ -247,14 +270,28 @@ class VLNTask(Task):
                 self.blind_best = blind
         return results, metrics
 
+    def _evaluate_speaker(self, speaker: Speaker) -> tuple[dict, dict]:
+        """BLEU of greedy instructions per split (every process decodes all paths: cheap)."""
+        results, metrics = {}, {}
+        for s in EVAL_SPLITS:
+            if s in self.data.episodes:
+                bleu, rows = speaker_bleu(speaker, self.env, self._eval_episodes(s), self.tokenizer,
+                                          self.cfg.train.eval_batch_size, self.run.accelerator.device)  # fmt: skip
+                results[s], metrics[s] = rows, {"bleu": bleu, "paths": len(rows)}
+        return results, metrics
+
     def _key(self, m: dict) -> float:
         split = "val_unseen" if "val_unseen" in m else "val_seen"
+        if self.cfg.stage == "speaker":
+            return float(m[split]["bleu"])
         return float(m[split]["success_rate" if self.cfg.data.dataset == "r2r" else "ndtw"])
 
     def score(self, metrics: dict) -> float:
         return self._key(metrics)
 
     def scalars(self, metrics: dict) -> dict[str, float]:
+        if self.cfg.stage == "speaker":
+            return {f"{s}/bleu": float(metrics[s]["bleu"]) for s in EVAL_SPLITS if s in metrics}
         return {
             f"{s}/{k}": float(metrics[s][k]) for s in EVAL_SPLITS if s in metrics for k in METRICS
         }
@@ -324,6 +361,14 @@ class VLNTask(Task):
         return report
 
     def print_report(self, report: dict[str, Any]) -> None:
+        if self.cfg.stage == "speaker":
+            for s in EVAL_SPLITS:
+                if s in report:
+                    print(
+                        f"speaker {s}: BLEU {report[s]['bleu']:.2f} over {report[s]['paths']} paths"
+                    )
+            print(f"{report.get('seconds', 0):.0f} s; metrics.json in {self.run.out}")
+            return
         rows = [("agent", {s: report[s] for s in EVAL_SPLITS if s in report})]
         rows += list(report["baselines"].items())
         head = "| | " + " | ".join(
@@ -354,33 +399,3 @@ class VLNTask(Task):
                 print(f"| {lang} | {m['nav_error']:.2f} | {100 * m['success_rate']:.1f} | "
                       f"{100 * m['ndtw']:.1f} |")  # fmt: skip
         print(f"{report.get('seconds', 0):.0f} s; metrics.json in {self.run.out}")
-
-
-def _arguments(kind: str):
-    def add(p: argparse.ArgumentParser) -> None:
-        what = "R2R_*.json (or EnvDrop-format paths)" if kind == "r2r" else "rxr_*_guide.jsonl[.gz]"
-        p.add_argument("--episodes", required=True, help=what)
-        p.add_argument("--connectivity", required=True, help="Matterport connectivity/ folder")
-        p.add_argument("--results", required=True,
-                       help='[{"instr_id", "trajectory": [[vp, heading, elevation], ...]}]')  # fmt: skip
-        p.add_argument("--per-item", help="write each instruction's numbers to this JSON file")
-        if kind == "rxr":
-            p.add_argument("--languages", help="comma list, e.g. en,hi-IN (default: all)")
-
-    return add
-
-
-def _run(kind: str):
-    def run(a: argparse.Namespace) -> dict:
-        languages = getattr(a, "languages", None)
-        return evaluate_nav_files(
-            a.episodes, a.connectivity, a.results, kind=kind, per_item=a.per_item,
-            languages=languages.split(",") if languages else None,
-        )  # fmt: skip
-
-    return run
-
-
-for _kind, _help in (("r2r", "R2R navigation metrics (Matterport3DSimulator eval.py + r4r nDTW/SDTW/CLS)"),
-                     ("rxr", "RxR navigation metrics (nDTW/SDTW/CLS + R2R's)")):  # fmt: skip
-    register_evaluate(_kind, EvaluateCommand(_help, _arguments(_kind), _run(_kind)))
