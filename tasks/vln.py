@@ -11,7 +11,9 @@ val_seen and val_unseen next to the random and forward-only walkers and the no-v
     python tasks/vln.py                                            # the same, one process
     accelerate launch --multi_gpu --num_processes 2 tasks/vln.py --cpu --set train.num_threads=1
     accelerate launch tasks/vln.py --set rl.feedback=teacher       # imitation only
-    accelerate launch tasks/vln.py --set stage=speaker             # EnvDrop's speaker (BLEU)
+    accelerate launch tasks/vln.py --set stage=speaker --set train.out_dir=runs/vln-speaker
+    accelerate launch tasks/vln.py --set stage=bt --set bt.speaker=runs/vln-speaker/best \
+        --set no_vision=false                                      # back-translation + envdrop
     accelerate launch tasks/vln.py --set data.dataset=rxr --set rl.ml_weight=0.4
     accelerate launch tasks/vln.py --config configs/tasks/vln_r2r_envdrop.yaml \\
         --set data.train=/data/R2R/R2R_train.json --set data.val_seen=/data/R2R/R2R_val_seen.json \\

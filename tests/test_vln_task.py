@@ -198,7 +198,7 @@ def test_rxr_one_agent_four_languages(houses, tmp_path, capsys):
                                 "no_vision=false", "--set", f"train.out_dir={tmp_path}"])  # fmt: skip
     langs = report["val_unseen"]["languages"]
     assert set(langs) == {"en-US", "en-IN", "hi-IN", "te-IN"}
-    assert "val_unseen by language" in capsys.readouterr().out
+    assert "| val_unseen by language |" in capsys.readouterr().out
     only = run_task(VLNTask, [*SMALL, "--set", f"data.houses.root={houses}", "--set",
                               "data.dataset=rxr", "--set", "data.languages=hi-IN", "--set",
                               "train.max_steps=1", "--set", "no_vision=false", "--set",
@@ -226,3 +226,32 @@ def test_speaker_path_features_bleu_and_stage(houses, tmp_path, world):
     assert 0 <= report["val_unseen"]["bleu"] <= 100 and report["val_unseen"]["paths"] == 6
     rows = read_json(tmp_path / "results_val_unseen.json")
     assert len(rows) == 6 and all(len(r["references"]) == 3 for r in rows)
+
+
+def test_back_translation_stage_runs_and_resumes(houses, tmp_path):
+    from cliptransfer.tasks.vln.backtranslate import sample_aug_paths, write_aug_paths
+
+    speaker_args = [*SMALL, "--set", f"data.houses.root={houses}", "--set", "stage=speaker",
+                    "--set", "speaker.hidden=32", "--set", "speaker.word_embed=16", "--set",
+                    "train.epochs=1", "--set", f"train.out_dir={tmp_path / 'spk'}"]  # fmt: skip
+    run_task(VLNTask, speaker_args)
+    graphs = load_graphs(houses / "r2r" / "connectivity")
+    train = load_r2r(houses / "r2r" / "R2R_train.json")
+    scans = sorted({e.scan for e in train})
+    aug = sample_aug_paths(graphs, scans, 5, 0, {(e.start, e.goal) for e in train})
+    assert len(aug) == 5 * len(scans)
+    assert all(4 <= len(e.path) <= 7 and not e.instruction for e in aug)
+    assert not {(e.start, e.goal) for e in aug} & {(e.start, e.goal) for e in train}
+    write_aug_paths(tmp_path / "aug_paths.json", aug)
+    assert [e.path for e in load_r2r(tmp_path / "aug_paths.json")] == [e.path for e in aug]
+    bt = [*SMALL, "--set", f"data.houses.root={houses}", "--set", "stage=bt", "--set",
+          f"bt.speaker={tmp_path / 'spk' / 'best'}", "--set",
+          f"bt.aug_paths={tmp_path / 'aug_paths.json'}", "--set", "no_vision=false",
+          "--set", "train.epochs=1", "--set", "train.save_every_steps=1"]  # fmt: skip
+    full = run_task(VLNTask, [*bt, "--set", f"train.out_dir={tmp_path / 'a'}"])
+    assert set(full["history"][-1]) >= {"train_loss"} and "val_unseen" in full
+    run_task(VLNTask, [*bt, "--set", f"train.out_dir={tmp_path / 'b'}", "--set",
+                       "train.max_steps=2"])  # fmt: skip
+    resumed = run_task(VLNTask, [*bt, "--set", f"train.out_dir={tmp_path / 'b'}",
+                                 "--resume", "latest"])  # fmt: skip
+    assert resumed["history"][-1]["train_loss"] == full["history"][-1]["train_loss"]

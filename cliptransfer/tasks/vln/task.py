@@ -28,7 +28,9 @@ from cliptransfer.nav.tables import NavTables, load_view_table
 from cliptransfer.tasks.vl_model import save_model_dir
 from cliptransfer.tasks.vln import evaluate as _evaluate  # noqa: F401 - cliptransfer evaluate r2r|rxr
 from cliptransfer.tasks.vln.agent import Follower, FollowerConfig
+from cliptransfer.tasks.vln.backtranslate import BTConfig, BTModel, load_speaker, sample_aug_paths
 from cliptransfer.tasks.vln.data import VLNDataConfig, load_vln_data, train_tokenizer
+from cliptransfer.tasks.vln.report import EVAL_SPLITS, report_text
 from cliptransfer.tasks.vln.rollout import encode_instructions, forward_walk, rollout
 from cliptransfer.tasks.vln.speaker import (
     Speaker,
@@ -41,7 +43,6 @@ from cliptransfer.tasks.vln.speaker import (
 __all__ = ["RLConfig", "VLNConfig", "VLNModel", "VLNTask"]
 
 METRICS = ("nav_error", "success_rate", "spl", "ndtw", "sdtw")
-EVAL_SPLITS = ("val_seen", "val_unseen")
 
 
 @dataclass
@@ -71,8 +72,10 @@ class VLNConfig(RunConfig):
     backbone: str = "default"  # CLIP for the houses' view features ('default' = packaged)
     max_steps: int = 15  # decisions per episode (EnvDrop's maxAction)
     no_vision: bool = True  # also train the same agent on zeroed visual features (a baseline)
-    # "follower" (IL + A2C) or "speaker" (instructions from paths; best by val_unseen BLEU).
+    # "follower" (IL + A2C), "speaker" (instructions from paths; best by val_unseen BLEU) or
+    # "bt" (the follower on real + speaker-instructed augmented paths, environmental dropout).
     stage: str = "follower"
+    bt: BTConfig = field(default_factory=BTConfig)
     speaker: SpeakerConfig = field(
         default_factory=lambda: SpeakerConfig(word_embed=128, hidden=256)
     )
@@ -89,8 +92,8 @@ class VLNConfig(RunConfig):
 
     def __post_init__(self) -> None:
         check_range("max_steps", self.max_steps, gt=0)
-        if self.stage not in ("follower", "speaker"):
-            raise ConfigError(f"stage: 'follower' or 'speaker', got {self.stage!r}")
+        if self.stage not in ("follower", "speaker", "bt"):
+            raise ConfigError(f"stage: 'follower', 'speaker' or 'bt', got {self.stage!r}")
 
 
 class VLNModel(nn.Module):
@@ -144,6 +147,8 @@ class VLNTask(Task):
     @classmethod
     def apply_arguments(cls, cfg: VLNConfig, args: argparse.Namespace) -> None:
         cfg.data.skip_missing = cfg.data.skip_missing or args.skip_missing
+        if cfg.stage == "bt" and not cfg.bt.speaker:
+            raise ConfigError("stage=bt needs bt.speaker (the best/ folder of a speaker run)")
 
     def setup(self) -> None:
         cfg, acc = self.cfg, self.run.accelerator
@@ -166,6 +171,9 @@ class VLNTask(Task):
         if cfg.stage == "speaker":
             speaker = Speaker(cfg.speaker, vocab, dim, angle, self.tokenizer.pad_id)
             self.model = SpeakerModel(speaker)
+        elif cfg.stage == "bt":
+            self.model = BTModel(self.model, load_speaker(cfg.bt.speaker, dim, angle)[0])
+            self.aug = self._aug_episodes()
         self.train_data = data.episodes.get("train", [])
         self.collate = lambda items: {"episodes": items}
         self.blind_best: dict | None = None
@@ -176,6 +184,8 @@ class VLNTask(Task):
 
         if self.eval_only:
             return load_tokenizer(Path(self.eval_only) / "tokenizer")
+        if self.cfg.stage == "bt":  # the speaker's vocabulary, so its words reach the follower
+            return load_tokenizer(Path(self.cfg.bt.speaker) / "tokenizer")
         if self.cfg.data.tokenizer:
             return load_tokenizer(self.cfg.data.tokenizer)
         root = data.houses if data.houses is not None else self.run.out
@@ -192,6 +202,17 @@ class VLNTask(Task):
             self.tokenizer, episodes, self.cfg.agent.max_instruction
         )
         return tokens.to(self.run.accelerator.device), lengths.to(self.run.accelerator.device)
+
+    def _aug_episodes(self):
+        from cliptransfer.nav.episodes import load_r2r
+
+        if self.cfg.bt.aug_paths:
+            return load_r2r(self.cfg.bt.aug_paths)
+        train = self.data.episodes["train"]
+        used = {(e.scan, e.start, e.goal) for e in train}
+        scans = sorted({e.scan for e in train})
+        return sample_aug_paths(self.data.graphs, scans, self.cfg.bt.aug_per_scan,
+                                self.cfg.train.seed, {(a, b) for _, a, b in used})  # fmt: skip
 
     def optimizers(self, model: nn.Module, total_steps: int) -> list[OptimizerSpec]:
         # EnvDrop: RMSprop at a constant lr.
@@ -210,6 +231,17 @@ class VLNTask(Task):
             tokens = instruction_tokens(self.tokenizer, episodes, self.cfg.agent.max_instruction)
             return model(self.env, episodes, tokens.to(self.run.accelerator.device))
         tokens, lengths = self._encode(episodes)
+        if self.cfg.stage == "bt":
+            inner, bt = self.run.accelerator.unwrap_model(model), self.cfg.bt
+            pick = torch.randint(len(self.aug), (len(episodes),)).tolist()
+            aug = [self.aug[i] for i in pick]
+            d = self.env.features.shape[-1]
+            keep = (torch.rand(d) >= bt.env_dropout).float() / (1.0 - bt.env_dropout)
+            keep = keep.to(tokens.device)
+            aug_tokens, aug_lengths = inner.instruct(self.env, aug, keep, self.tokenizer,
+                                                     self.cfg.agent.max_instruction)  # fmt: skip
+            return model(self.env, episodes, tokens, lengths, self.cfg.rl, aug, aug_tokens,
+                         aug_lengths, keep.unsqueeze(0), bt)  # fmt: skip
         return model(self.env, episodes, tokens, lengths, self.cfg.rl)
 
     # ---- evaluation
@@ -258,6 +290,8 @@ class VLNTask(Task):
         inner = self.run.accelerator.unwrap_model(model)
         if self.cfg.stage == "speaker":
             return self._evaluate_speaker(inner.speaker)
+        if self.cfg.stage == "bt":
+            inner = inner.follower
         results, metrics = {}, {}
         for s in EVAL_SPLITS:
             if s in self.data.episodes:
@@ -361,41 +395,5 @@ class VLNTask(Task):
         return report
 
     def print_report(self, report: dict[str, Any]) -> None:
-        if self.cfg.stage == "speaker":
-            for s in EVAL_SPLITS:
-                if s in report:
-                    print(
-                        f"speaker {s}: BLEU {report[s]['bleu']:.2f} over {report[s]['paths']} paths"
-                    )
-            print(f"{report.get('seconds', 0):.0f} s; metrics.json in {self.run.out}")
-            return
-        rows = [("agent", {s: report[s] for s in EVAL_SPLITS if s in report})]
-        rows += list(report["baselines"].items())
-        head = "| | " + " | ".join(
-            f"{s} {m}" for s in EVAL_SPLITS for m in ("NE", "SR", "SPL", "nDTW", "SDTW")
-        )
-        print(head + " |\n|" + "---|" * (1 + 5 * len(EVAL_SPLITS)))
-        for name, m in rows:
-            cells = []
-            for s in EVAL_SPLITS:
-                v = m.get(s)
-                cells += (
-                    ["-"] * 5
-                    if v is None
-                    else [f"{v['nav_error']:.2f}"]
-                    + [f"{100 * v[k]:.1f}" for k in ("success_rate", "spl", "ndtw", "sdtw")]
-                )
-            print(f"| {name} | " + " | ".join(cells) + " |")
-        if "no_vision" in report["baselines"] and "val_unseen" in report:
-            margin = (
-                report["val_unseen"]["success_rate"]
-                - report["baselines"]["no_vision"]["val_unseen"]["success_rate"]
-            )
-            print(f"val_unseen SR margin over no vision: {100 * margin:+.1f} points")
-        langs = report.get("val_unseen", {}).get("languages")
-        if langs:
-            print("\nval_unseen by language | NE | SR | nDTW\n|---|---|---|---|")
-            for lang, m in langs.items():
-                print(f"| {lang} | {m['nav_error']:.2f} | {100 * m['success_rate']:.1f} | "
-                      f"{100 * m['ndtw']:.1f} |")  # fmt: skip
+        print(report_text(report, self.cfg.stage))
         print(f"{report.get('seconds', 0):.0f} s; metrics.json in {self.run.out}")

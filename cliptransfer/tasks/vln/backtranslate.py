@@ -1,0 +1,141 @@
+"""R2R-EnvDrop's back-translation with environmental dropout (`bt_envdrop`, r2r_src/agent.py
+and speaker.py): augmented paths of the training houses, instructed by a trained speaker, and
+one visual-channel dropout mask per batch applied to every view and step of those episodes (the
+speaker describes, and the follower walks, the same "new environment").
+
+Every optimizer step trains on the real batch (mlWeight 0.2) and on as many augmented episodes
+(mlWeight 0.6), as EnvDrop alternates them.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from cliptransfer.config import check_range
+from cliptransfer.nav.env import NavEnv
+from cliptransfer.nav.episodes import Episode
+from cliptransfer.nav.graph import NavGraph
+from cliptransfer.tasks.vln.speaker import PathFeatures, Speaker, path_features
+
+__all__ = ["BTConfig", "BTModel", "sample_aug_paths"]
+
+
+@dataclass
+class BTConfig:
+    speaker: str = ""  # best/ folder of a speaker-stage run (its tokenizer is used throughout)
+    aug_paths: str = ""  # EnvDrop aug_paths.json; empty = sampled from the training scans
+    aug_per_scan: int = 200  # sampled augmented paths per training scan
+    aug_ml_weight: float = 0.6
+    env_dropout: float = 0.3  # share of visual channels dropped per augmented batch
+
+    def __post_init__(self) -> None:
+        check_range("aug_per_scan", self.aug_per_scan, gt=0)
+        check_range("aug_ml_weight", self.aug_ml_weight, ge=0)
+        check_range("env_dropout", self.env_dropout, ge=0, lt=1)
+
+
+def sample_aug_paths(graphs: dict[str, NavGraph], scans: list[str], per_scan: int,
+                     seed: int, exclude: set[tuple[str, str]]) -> list[Episode]:  # fmt: skip
+    """EnvDrop-style augmented paths: shortest paths of 4-7 viewpoints between viewpoint pairs
+    of the training scans not used by a training episode, random start headings; path-only
+    episodes (instruction "") with ids "aug{n}_0"."""
+    from cliptransfer.worlds.houses.paths import sample_paths
+
+    out = []
+    for scan in scans:
+        rng = random.Random(f"aug/{seed}/{scan}")
+        for spec in sample_paths(graphs[scan], rng, per_scan, min_m=0.0, max_m=math.inf,
+                                 exclude=exclude):  # fmt: skip
+            n = len(out)
+            out.append(Episode(f"aug{n}_0", scan, f"aug{n}", spec.path, spec.heading, "",
+                               distance=spec.distance))  # fmt: skip
+    return out
+
+
+def write_aug_paths(path, episodes: list[Episode]) -> None:
+    """EnvDrop's aug_paths.json: R2R records without instructions."""
+    from cliptransfer.fileio import write_json
+
+    write_json(path, [{"scan": e.scan, "path_id": e.path_id, "path": e.path,
+                       "heading": e.heading, "distance": e.distance} for e in episodes])  # fmt: skip
+
+
+class BTModel(nn.Module):
+    """The follower (a `VLNModel`) and a frozen speaker; `forward` = real batch + augmented
+    batch, the latter instructed by the speaker under one environmental-dropout mask."""
+
+    def __init__(self, follower: nn.Module, speaker: Speaker) -> None:
+        super().__init__()
+        self.follower, self.speaker = follower, speaker
+        for p in speaker.parameters():
+            p.requires_grad_(False)
+
+    def instruct(self, env: NavEnv, episodes: list[Episode], env_mask: torch.Tensor, tokenizer,
+                 max_len: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Greedy speaker instructions for the augmented paths, seen through `env_mask`:
+        (tokens (B, L), lengths) in the follower's input form (words, EOT)."""
+        path = path_features(env, episodes)
+        device = env_mask.device
+        d = env_mask.shape[-1]
+        drop = torch.cat([env_mask, torch.ones(path.views.shape[-1] - d, device=device)])
+        path = PathFeatures(path.views.to(device) * drop, path.actions.to(device) * drop,
+                            path.lengths)  # fmt: skip
+        self.speaker.eval()
+        ids = self.speaker.generate(path, tokenizer.sot_id, tokenizer.eot_id)
+        rows = [r[: max_len - 1] + [tokenizer.eot_id] for r in ids]
+        tokens = torch.full((len(rows), max(map(len, rows))), tokenizer.pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            tokens[i, : len(r)] = torch.tensor(r)
+        return tokens.to(device), torch.tensor([len(r) for r in rows], device=device)
+
+    def forward(self, env, episodes, tokens, lengths, rl, aug, aug_tokens, aug_lengths,
+                env_mask, bt: BTConfig) -> dict:  # fmt: skip
+        terms = self.follower(env, episodes, tokens, lengths, rl)
+        aug_rl = replace(rl, ml_weight=bt.aug_ml_weight)
+        mask = env_mask.expand(len(aug), -1)
+        from cliptransfer.tasks.vln.rollout import rollout
+
+        agent = self.follower.agent
+        il = rollout(agent, env, aug, aug_tokens, aug_lengths, feedback="teacher",
+                     ml_weight=aug_rl.ml_weight, env_mask=mask)  # fmt: skip
+        loss = terms["loss"] + il["loss"]
+        terms["aug_ml_loss"] = il["ml_loss"] / len(aug)
+        if rl.feedback == "sample":
+            out = rollout(agent, env, aug, aug_tokens, aug_lengths, feedback="sample", rl=True,
+                          gamma=rl.gamma, entropy_weight=rl.entropy, env_mask=mask)  # fmt: skip
+            loss = loss + out["loss"]
+            terms["aug_rl_loss"] = out["rl_loss"]
+        terms["loss"] = loss
+        return terms
+
+
+def load_speaker(folder, feature_dim: int, angle_dim: int) -> tuple[Speaker, object]:
+    """(speaker, tokenizer) of a speaker-stage best/ folder (weights read with safetensors)."""
+    from pathlib import Path
+
+    import yaml
+    from safetensors.torch import load_file
+
+    from cliptransfer.tasks.vln.speaker import SpeakerConfig
+    from cliptransfer.tokenization import load_tokenizer
+
+    folder = Path(folder)
+    if not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"bt.speaker: no speaker best/ folder at {folder}")
+    cfg = yaml.safe_load((folder / "config.yaml").read_text())
+    if cfg.get("stage") != "speaker":
+        raise ValueError(f"bt.speaker: {folder} holds a {cfg.get('stage')!r} model, not a speaker")
+    tokenizer = load_tokenizer(folder / "tokenizer")
+    speaker = Speaker(SpeakerConfig(**cfg["speaker"]), tokenizer.vocab_size, feature_dim,
+                      angle_dim, tokenizer.pad_id)  # fmt: skip
+    state = {
+        k.removeprefix("speaker."): v
+        for k, v in load_file(str(folder / "model.safetensors")).items()
+    }
+    speaker.load_state_dict(state)
+    return speaker, tokenizer
