@@ -20,6 +20,7 @@ from cliptransfer.config import check_range
 from cliptransfer.nav.env import NavEnv
 from cliptransfer.nav.episodes import Episode
 from cliptransfer.nav.graph import NavGraph
+from cliptransfer.tasks.vln.rollout import rollout
 from cliptransfer.tasks.vln.speaker import PathFeatures, Speaker, path_features
 
 __all__ = ["BTConfig", "BTModel", "sample_aug_paths"]
@@ -98,8 +99,6 @@ class BTModel(nn.Module):
         terms = self.follower(env, episodes, tokens, lengths, rl)
         aug_rl = replace(rl, ml_weight=bt.aug_ml_weight)
         mask = env_mask.expand(len(aug), -1)
-        from cliptransfer.tasks.vln.rollout import rollout
-
         agent = self.follower.agent
         il = rollout(agent, env, aug, aug_tokens, aug_lengths, feedback="teacher",
                      ml_weight=aug_rl.ml_weight, env_mask=mask)  # fmt: skip

@@ -177,7 +177,7 @@ class VLNTask(Task):
         self.train_data = data.episodes.get("train", [])
         self.collate = lambda items: {"episodes": items}
         self.blind_best: dict | None = None
-        self.baselines = self._baselines() if cfg.stage == "follower" else {}
+        self.baselines = self._baselines() if cfg.stage != "speaker" else {}
 
     def _tokenizer(self, data):
         from cliptransfer.tokenization import load_tokenizer
