@@ -88,3 +88,11 @@ def test_every_template_realises_and_names_what_it_mentions():
 def test_errors_name_the_bad_value(plan, language, match):
     with pytest.raises(ValueError, match=match):
         realize(plan, language, random.Random(0))
+
+
+def test_turn_around_at_a_landmark_reads_well():
+    step = Step("turn_at", Ref("star", "red"), direction="around")
+    for lang in LANGUAGES:
+        for seed in range(20):
+            text = realize([step, Step("stop_near", Ref("star", "red"))], lang, random.Random(seed))
+            assert "take a around" not in text and "take around" not in text

@@ -88,6 +88,7 @@ _EN_IN = {
     "turn": ["take a {d}", "take {d}", "turn to the {d} side"],
     "turn_around": ["turn back", "take a u-turn"],
     "turn_at": ["take a {d} near {x}", "near {x}, take {d}", "turn {d} at {x}"],
+    "turn_at_around": ["take a u-turn near {x}", "near {x}, turn back", "turn around at {x}"],
     "enter": ["go inside the {r}", "enter into the {r}"],
     "go_straight": ["go straight", "move straight", "go straight ahead"],
     "stop_near": ["stop near {x}", "stand near {x}", "you have to stop near {x}"],
@@ -96,7 +97,7 @@ _EN_IN = {
 _HI = {
     "walk_toward": ["{x} की ओर चलिए", "{x} की तरफ़ जाइए"],
     "walk_past": ["{x} के आगे से निकलिए", "{x} को पार कीजिए"],
-    "turn": ["{d} मुड़िए", "{d} की ओर मुड़ जाइए"],
+    "turn": ["{d} मुड़िए", "{d} हाथ की ओर मुड़ जाइए"],
     "turn_around": ["पीछे मुड़िए", "पीछे की ओर घूम जाइए"],
     "turn_at": ["{x} के पास {d} मुड़िए", "{x} पर पहुँचकर {d} मुड़िए"],
     "enter": ["{r} में जाइए", "{r} के अंदर चलिए"],
@@ -108,7 +109,7 @@ _TE = {
     "walk_toward": ["{x} వైపు నడవండి", "{x} వైపు వెళ్ళండి"],
     "walk_past": ["{x} దాటి వెళ్ళండి", "{x} దాటి ముందుకు నడవండి"],
     "turn": ["{d} తిరగండి", "{d} మలుపు తీసుకోండి"],
-    "turn_around": ["వెనక్కి తిరగండి", "వెనక్కి తిరిగి చూడండి"],
+    "turn_around": ["వెనక్కి తిరగండి", "వెనక్కి తిరిగి నడవండి"],
     "turn_at": ["{x} దగ్గర {d} తిరగండి", "{x} దగ్గరకు వచ్చాక {d} తిరగండి"],
     "enter": ["{r}లోకి వెళ్ళండి", "{r}లోకి ప్రవేశించండి"],
     "go_straight": ["నేరుగా నడవండి", "ముందుకు నేరుగా వెళ్ళండి"],
@@ -174,8 +175,9 @@ def _clause(step: Step, language: str, rng: random.Random) -> str:
     if key in ("turn", "turn_at"):
         if step.direction not in ("left", "right", "around"):
             raise ValueError(f"unknown turn direction {step.direction!r}")
-        if key == "turn" and step.direction == "around":
-            key = "turn_around"
+        # own templates for "around" where "{d}" would read "take a around"
+        if step.direction == "around" and f"{key}_around" in table:
+            key = f"{key}_around"
     fields = {}
     if "{x}" in "".join(table[key]):
         if step.ref is None:

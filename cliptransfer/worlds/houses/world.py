@@ -40,7 +40,7 @@ from cliptransfer.worlds.prepare import prepare_atomically
 __all__ = ["GENERATOR_VERSION", "HOUSE_SIZES", "HouseSize", "default_houses_dir", "prepare_houses"]
 
 GENERATOR = "cliptransfer.worlds.houses"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: en-IN "turn around at X", Hindi and Telugu turn wording
 INSTRUCTIONS_PER_PATH = 3  # R2R
 VIEW_SIZE = (128, 96)  # caption images: the 4:3 R2R camera at a small resolution
 JPEG_QUALITY = 92
@@ -80,7 +80,9 @@ def _check_size(size: str) -> HouseSize:
 
 def _rng(seed: int, *parts: object) -> random.Random:
     # String seeds are hashed with SHA-512 by `random`: stable across runs and Python versions.
-    return random.Random("/".join([f"houses-v{GENERATOR_VERSION}", str(seed), *map(str, parts)]))
+    # The namespace stays "houses-v1": version 2 changed only wording (en-IN / hi-IN / te-IN
+    # turns), so houses, paths and the en-US R2R files are byte-identical to version 1's.
+    return random.Random("/".join(["houses-v1", str(seed), *map(str, parts)]))
 
 
 def connectivity_records(house: House) -> list[dict]:
