@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from cliptransfer.config import check_range
 from cliptransfer.nav.env import NavEnv
 from cliptransfer.nav.episodes import Episode
 from cliptransfer.nav.graph import NavGraph
-from cliptransfer.tasks.vln.rollout import rollout
+from cliptransfer.tasks.vln.rollout import imitation_and_a2c, pad_token_rows
 from cliptransfer.tasks.vln.speaker import PathFeatures, Speaker, path_features
 
 __all__ = ["BTConfig", "BTModel", "sample_aug_paths"]
@@ -89,26 +89,20 @@ class BTModel(nn.Module):
         self.speaker.eval()
         ids = self.speaker.generate(path, tokenizer.sot_id, tokenizer.eot_id)
         rows = [r[: max_len - 1] + [tokenizer.eot_id] for r in ids]
-        tokens = torch.full((len(rows), max(map(len, rows))), tokenizer.pad_id, dtype=torch.long)
-        for i, r in enumerate(rows):
-            tokens[i, : len(r)] = torch.tensor(r)
-        return tokens.to(device), torch.tensor([len(r) for r in rows], device=device)
+        tokens, lengths = pad_token_rows(rows, tokenizer.pad_id)
+        return tokens.to(device), lengths.to(device)
 
     def forward(self, env, episodes, tokens, lengths, rl, aug, aug_tokens, aug_lengths,
                 env_mask, bt: BTConfig) -> dict:  # fmt: skip
         terms = self.follower(env, episodes, tokens, lengths, rl)
-        aug_rl = replace(rl, ml_weight=bt.aug_ml_weight)
-        mask = env_mask.expand(len(aug), -1)
-        agent = self.follower.agent
-        il = rollout(agent, env, aug, aug_tokens, aug_lengths, feedback="teacher",
-                     ml_weight=aug_rl.ml_weight, env_mask=mask)  # fmt: skip
-        loss = terms["loss"] + il["loss"]
-        terms["aug_ml_loss"] = il["ml_loss"] / len(aug)
-        if rl.feedback == "sample":
-            out = rollout(agent, env, aug, aug_tokens, aug_lengths, feedback="sample", rl=True,
-                          gamma=rl.gamma, entropy_weight=rl.entropy, env_mask=mask)  # fmt: skip
-            loss = loss + out["loss"]
-            terms["aug_rl_loss"] = out["rl_loss"]
+        losses, aug_terms = imitation_and_a2c(
+            self.follower.agent, env, aug, aug_tokens, aug_lengths, rl, bt.aug_ml_weight,
+            env_mask=env_mask.expand(len(aug), -1),
+        )  # fmt: skip
+        loss = terms["loss"]
+        for part in losses:
+            loss = loss + part
+        terms.update({"aug_" + k: v for k, v in aug_terms.items()})
         terms["loss"] = loss
         return terms
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from cliptransfer.nav.env import IGNORE_ACTION, NavEnv, NavObservation
 from cliptransfer.nav.episodes import Episode
 
-__all__ = ["encode_instructions", "forward_walk", "rollout"]
+__all__ = ["encode_instructions", "forward_walk", "imitation_and_a2c", "pad_token_rows", "rollout"]
 
 SUCCESS_REWARD = 2.0
 
@@ -37,11 +37,33 @@ def encode_instructions(
     max_len - 1, then EOT (EnvDrop appends <EOS>)."""
     rows = [tokenizer.tokenize_words(e.instruction)[: max_len - 1] + [tokenizer.eot_id]
             for e in episodes]  # fmt: skip
-    longest = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), longest), tokenizer.pad_id, dtype=torch.long)
+    return pad_token_rows(rows, tokenizer.pad_id)
+
+
+def pad_token_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens (B, L) right-padded with `pad_id`, lengths (B,)) of token-id rows."""
+    tokens = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long)
     for i, r in enumerate(rows):
         tokens[i, : len(r)] = torch.tensor(r)
     return tokens, torch.tensor([len(r) for r in rows])
+
+
+def imitation_and_a2c(agent, env: NavEnv, episodes: list[Episode], tokens: torch.Tensor,
+                      lengths: torch.Tensor, rl, ml_weight: float, *, zero_vision: bool = False,
+                      env_mask: torch.Tensor | None = None) -> tuple[list[torch.Tensor], dict]:  # fmt: skip
+    """EnvDrop's `train(feedback="sample")` on one batch: the teacher-forced rollout weighted by
+    `ml_weight`, then (when `rl.feedback == "sample"`) the A2C rollout. Returns the losses in
+    that order (the caller sums them) and the logged terms `ml_loss` (per episode), `rl_loss`."""
+    il = rollout(agent, env, episodes, tokens, lengths, feedback="teacher", ml_weight=ml_weight,
+                 zero_vision=zero_vision, env_mask=env_mask)  # fmt: skip
+    losses, terms = [il["loss"]], {"ml_loss": il["ml_loss"] / len(episodes)}
+    if rl.feedback == "sample":
+        out = rollout(agent, env, episodes, tokens, lengths, feedback="sample", rl=True,
+                      gamma=rl.gamma, entropy_weight=rl.entropy, zero_vision=zero_vision,
+                      env_mask=env_mask)  # fmt: skip
+        losses.append(out["loss"])
+        terms["rl_loss"] = out["rl_loss"]
+    return losses, terms
 
 
 def _to(ob: NavObservation, device: torch.device) -> NavObservation:

@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from cliptransfer.config import check_range
-from cliptransfer.nav.env import IGNORE_ACTION, NavEnv
+from cliptransfer.nav.env import NavEnv
 from cliptransfer.nav.episodes import Episode
 from cliptransfer.tasks.vln.agent import SoftDotAttention
+from cliptransfer.tasks.vln.rollout import pad_token_rows
 
 __all__ = ["PathFeatures", "Speaker", "SpeakerConfig", "SpeakerModel", "corpus_bleu",
            "instruction_tokens", "path_features", "speaker_bleu"]  # fmt: skip
@@ -62,9 +63,7 @@ def path_features(env: NavEnv, episodes: list[Episode]) -> PathFeatures:
         cand = torch.cat([ob.cand_views.cpu(), ob.cand_angles], -1)[torch.arange(len(k)), k]
         actions.append(cand * moving.unsqueeze(1))
         lengths += live.long()
-        action = torch.where(live, ob.teacher, ob.cand_count)
-        action = torch.where(action == IGNORE_ACTION, ob.cand_count, action)
-        ob = env.step(action)
+        ob = env.step(torch.where(live, ob.teacher, ob.cand_count))  # ended: STOP, ignored
     return PathFeatures(torch.stack(views, 1), torch.stack(actions, 1), lengths)
 
 
@@ -160,10 +159,7 @@ def instruction_tokens(tokenizer, episodes: list[Episode], max_len: int) -> torc
     """(B, L): SOT, the words (cut to max_len - 2), EOT, padding."""
     rows = [[tokenizer.sot_id, *tokenizer.tokenize_words(e.instruction)[: max_len - 2],
              tokenizer.eot_id] for e in episodes]  # fmt: skip
-    out = torch.full((len(rows), max(map(len, rows))), tokenizer.pad_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r)
-    return out
+    return pad_token_rows(rows, tokenizer.pad_id)[0]
 
 
 class SpeakerModel(nn.Module):

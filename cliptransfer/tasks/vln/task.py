@@ -21,7 +21,7 @@ from cliptransfer.config import ConfigError, check_range, to_dict
 from cliptransfer.engine.config import RunConfig, TrainConfig
 from cliptransfer.engine.evaluation import peak_memory
 from cliptransfer.engine.optim import OptimConfig, OptimizerSpec
-from cliptransfer.engine.task import Task, register_task
+from cliptransfer.engine.task import EvalOnlyTask, register_task
 from cliptransfer.nav.env import NavEnv
 from cliptransfer.nav.metrics import evaluate_nav
 from cliptransfer.nav.tables import NavTables, load_view_table
@@ -31,7 +31,12 @@ from cliptransfer.tasks.vln.agent import Follower, FollowerConfig
 from cliptransfer.tasks.vln.backtranslate import BTConfig, BTModel, load_speaker, sample_aug_paths
 from cliptransfer.tasks.vln.data import VLNDataConfig, load_vln_data, train_tokenizer
 from cliptransfer.tasks.vln.report import EVAL_SPLITS, report_text
-from cliptransfer.tasks.vln.rollout import encode_instructions, forward_walk, rollout
+from cliptransfer.tasks.vln.rollout import (
+    encode_instructions,
+    forward_walk,
+    imitation_and_a2c,
+    rollout,
+)
 from cliptransfer.tasks.vln.speaker import (
     Speaker,
     SpeakerConfig,
@@ -108,45 +113,24 @@ class VLNModel(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         agents = [("", self.agent, False)] + ([("blind_", self.blind, True)] if self.blind else [])
         loss = torch.zeros((), device=tokens.device)
+        ml_weight = rl.ml_weight if rl.feedback == "sample" else 1.0
         for prefix, agent, zero in agents:
-            il = rollout(agent, env, episodes, tokens, lengths, feedback="teacher",
-                         ml_weight=rl.ml_weight if rl.feedback == "sample" else 1.0,
-                         zero_vision=zero)  # fmt: skip
-            loss = loss + il["loss"]
-            terms[f"{prefix}ml_loss"] = il["ml_loss"] / len(episodes)
-            if rl.feedback == "sample":
-                out = rollout(agent, env, episodes, tokens, lengths, feedback="sample", rl=True,
-                              gamma=rl.gamma, entropy_weight=rl.entropy, zero_vision=zero)  # fmt: skip
-                loss = loss + out["loss"]
-                terms[f"{prefix}rl_loss"] = out["rl_loss"]
+            losses, agent_terms = imitation_and_a2c(agent, env, episodes, tokens, lengths, rl,
+                                                    ml_weight, zero_vision=zero)  # fmt: skip
+            for part in losses:
+                loss = loss + part
+            terms.update({prefix + k: v for k, v in agent_terms.items()})
         return {"loss": loss, **terms}
 
 
 @register_task("vln", config=VLNConfig, launcher="tasks/vln.py",
                configs=("configs/tasks/vln_*.yaml",))  # fmt: skip
-class VLNTask(Task):
+class VLNTask(EvalOnlyTask):
     tracker = "vln"
-
-    def __init__(self, cfg: VLNConfig, run) -> None:
-        super().__init__(cfg, run)
-        self.eval_only = run.args.eval_only
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--skip-missing", action="store_true",
-                            help="= --set data.skip_missing=true")  # fmt: skip
-        parser.add_argument("--eval-only", default=None, metavar="BEST_DIR",
-                            help="evaluate a saved best/ folder (its config.yaml + --set)")  # fmt: skip
-
-    @classmethod
-    def config_file(cls, args: argparse.Namespace) -> str | None:
-        if args.eval_only and args.config is None:
-            return str(Path(args.eval_only) / "config.yaml")
-        return args.config
 
     @classmethod
     def apply_arguments(cls, cfg: VLNConfig, args: argparse.Namespace) -> None:
-        cfg.data.skip_missing = cfg.data.skip_missing or args.skip_missing
+        super().apply_arguments(cfg, args)
         if cfg.stage == "bt" and not cfg.bt.speaker:
             raise ConfigError("stage=bt needs bt.speaker (the best/ folder of a speaker run)")
 
@@ -166,12 +150,13 @@ class VLNTask(Task):
         def follower() -> Follower:
             return Follower(cfg.agent, vocab, dim, angle, self.tokenizer.pad_id, critic=a2c)
 
-        agent, blind = follower(), (follower() if cfg.no_vision else None)
-        self.model = VLNModel(agent, blind)
         if cfg.stage == "speaker":
-            speaker = Speaker(cfg.speaker, vocab, dim, angle, self.tokenizer.pad_id)
-            self.model = SpeakerModel(speaker)
-        elif cfg.stage == "bt":
+            self.model = SpeakerModel(
+                Speaker(cfg.speaker, vocab, dim, angle, self.tokenizer.pad_id)
+            )
+        else:
+            self.model = VLNModel(follower(), follower() if cfg.no_vision else None)
+        if cfg.stage == "bt":
             self.model = BTModel(self.model, load_speaker(cfg.bt.speaker, dim, angle)[0])
             self.aug = self._aug_episodes()
         self.train_data = data.episodes.get("train", [])
@@ -209,10 +194,9 @@ class VLNTask(Task):
         if self.cfg.bt.aug_paths:
             return load_r2r(self.cfg.bt.aug_paths)
         train = self.data.episodes["train"]
-        used = {(e.scan, e.start, e.goal) for e in train}
         scans = sorted({e.scan for e in train})
         return sample_aug_paths(self.data.graphs, scans, self.cfg.bt.aug_per_scan,
-                                self.cfg.train.seed, {(a, b) for _, a, b in used})  # fmt: skip
+                                self.cfg.train.seed, {(e.start, e.goal) for e in train})  # fmt: skip
 
     def optimizers(self, model: nn.Module, total_steps: int) -> list[OptimizerSpec]:
         # EnvDrop: RMSprop at a constant lr.
