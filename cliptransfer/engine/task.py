@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CompareColumns",
+    "EvalOnlyTask",
     "EvaluateCommand",
     "Task",
     "TaskSpec",
@@ -183,6 +184,35 @@ class Task:
 
     def print_report(self, report: dict[str, Any]) -> None:
         print(report)
+
+
+class EvalOnlyTask(Task):
+    """A task whose launcher also takes `--eval-only BEST_DIR` (evaluate a saved best/ folder:
+    its config.yaml + --set overrides, `evaluate_only` instead of `fit`) and `--skip-missing`
+    (= --set data.skip_missing=true; the config has a `data.skip_missing` field)."""
+
+    def __init__(self, cfg: RunConfig, run: Run) -> None:
+        super().__init__(cfg, run)
+        self.eval_only = run.args.eval_only
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--skip-missing", action="store_true", help="= --set data.skip_missing=true"
+        )
+        parser.add_argument("--eval-only", default=None, metavar="BEST_DIR",
+                            help="evaluate / predict with a saved best/ folder "
+                                 "(its config.yaml + --set overrides)")  # fmt: skip
+
+    @classmethod
+    def config_file(cls, args: argparse.Namespace) -> str | None:
+        if args.eval_only and args.config is None:
+            return str(Path(args.eval_only) / "config.yaml")
+        return args.config
+
+    @classmethod
+    def apply_arguments(cls, cfg: Any, args: argparse.Namespace) -> None:
+        cfg.data.skip_missing = cfg.data.skip_missing or args.skip_missing
 
 
 # ---- the registry -------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from cliptransfer.engine.config import RunConfig
 from cliptransfer.engine.evaluation import peak_memory, predict
 from cliptransfer.engine.loop import FitResult
 from cliptransfer.engine.run import save_run_config
-from cliptransfer.engine.task import Task
+from cliptransfer.engine.task import EvalOnlyTask
 from cliptransfer.heads.model import HeadConfig, shapes_head
 from cliptransfer.heads.question import QuestionConfig, build_question_tokenizer
 from cliptransfer.tasks.vl_model import (
@@ -67,7 +67,7 @@ class VLTaskConfig(RunConfig):
     model: HeadConfig = field(default_factory=shapes_head)
 
 
-class VLTask(Task):
+class VLTask(EvalOnlyTask):
     """A head over image features and a sentence, trained on `splits["train"]`, selected on
     `splits["val"]`. Subclasses implement `load_splits`, `image_files`, `dataset`,
     `num_outputs`, `training_step`, `score_results`, `prior` and `print_report`."""
@@ -77,24 +77,9 @@ class VLTask(Task):
     shapes_splits: ClassVar[tuple[str, ...]] = ("train2014", "val2014")  # BottomUp on Shapes
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument(
-            "--skip-missing", action="store_true", help="= --set data.skip_missing=true"
-        )
-        parser.add_argument("--eval-only", default=None, metavar="BEST_DIR",
-                            help="evaluate / predict with a saved best/ folder "
-                                 "(its config.yaml + --set overrides)")  # fmt: skip
-
-    @classmethod
-    def config_file(cls, args: argparse.Namespace) -> str | None:
-        if args.eval_only and args.config is None:
-            return str(Path(args.eval_only) / "config.yaml")
-        return args.config
-
-    @classmethod
     def apply_arguments(cls, cfg: VLTaskConfig, args: argparse.Namespace) -> None:
         check_tuning(cfg.mode, cfg.tuning, cfg.peft)
-        cfg.data.skip_missing = cfg.data.skip_missing or args.skip_missing
+        super().apply_arguments(cfg, args)
 
     # ---- what a task adds
     def load_splits(self, world: Path | None) -> dict[str, Any]:
@@ -134,7 +119,6 @@ class VLTask(Task):
 
     def setup(self) -> None:
         cfg, run = self.cfg, self.run
-        self.eval_only: str | None = run.args.eval_only
         self.started = time.monotonic()
         self.world = None
         if self.uses_world():
