@@ -13,7 +13,12 @@ from typing import Any
 
 from cliptransfer.fileio import read_json
 
-__all__ = ["is_complete", "prepare_atomically", "read_manifest"]
+__all__ = ["cache_dir", "is_complete", "prepare_atomically", "read_manifest"]
+
+
+def cache_dir() -> Path:
+    """Where generated worlds live by default: `$CLIPTRANSFER_CACHE` or ~/.cache/cliptransfer."""
+    return Path(os.environ.get("CLIPTRANSFER_CACHE") or Path.home() / ".cache" / "cliptransfer")
 
 
 def read_manifest(out: Path, generator: str) -> dict | None:

@@ -31,11 +31,11 @@ from cliptransfer.fileio import write_json
 from cliptransfer.nav.graph import NavGraph, load_graphs
 from cliptransfer.worlds.houses.captions import view_caption
 from cliptransfer.worlds.houses.instructions import LANGUAGES, realize
-from cliptransfer.worlds.houses.layout import House, sample_house
+from cliptransfer.worlds.houses.layout import House, sample_house, segment_blocked
 from cliptransfer.worlds.houses.paths import PathSpec, plan_path, sample_paths
 from cliptransfer.worlds.houses.raycast import pose_matrix, render_skybox
 from cliptransfer.worlds.houses.stats import graph_stats, plan_stats, summarize, turn_word_walk
-from cliptransfer.worlds.prepare import prepare_atomically
+from cliptransfer.worlds.prepare import cache_dir, prepare_atomically
 
 __all__ = ["GENERATOR_VERSION", "HOUSE_SIZES", "HouseSize", "default_houses_dir", "prepare_houses"]
 
@@ -68,8 +68,7 @@ HOUSE_SIZES: dict[str, HouseSize] = {
 def default_houses_dir(size: str = "small", seed: int = 0) -> Path:
     """`$CLIPTRANSFER_CACHE` (or ~/.cache/cliptransfer) / houses-{size}-seed{seed}-v{version}."""
     _check_size(size)
-    root = os.environ.get("CLIPTRANSFER_CACHE") or Path.home() / ".cache" / "cliptransfer"
-    return Path(root) / f"houses-{size}-seed{seed}-v{GENERATOR_VERSION}"
+    return cache_dir() / f"houses-{size}-seed{seed}-v{GENERATOR_VERSION}"
 
 
 def _check_size(size: str) -> HouseSize:
@@ -88,8 +87,6 @@ def _rng(seed: int, *parts: object) -> random.Random:
 def connectivity_records(house: House) -> list[dict]:
     """Matterport's connectivity JSON: per viewpoint image_id, pose (16 floats row-major),
     included, visible / unobstructed (one flag per viewpoint, file order), height."""
-    from cliptransfer.worlds.houses.layout import segment_blocked
-
     vps = house.viewpoints
     out = []
     for i, v in enumerate(vps):

@@ -7,13 +7,12 @@ once `manifest.json` (written last) is complete.
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cliptransfer.fileio import write_json
-from cliptransfer.worlds.prepare import prepare_atomically
+from cliptransfer.worlds.prepare import cache_dir, prepare_atomically
 
 from . import formats
 from .annotators import most_frequent, snli_labels, vqa_answers
@@ -57,8 +56,7 @@ SIZES: dict[str, WorldSize] = {
 def default_world_dir(size: str = "small", seed: int = 0) -> Path:
     """`$CLIPTRANSFER_CACHE` (or ~/.cache/cliptransfer) / shapes-{size}-seed{seed}-v{version}."""
     _check_size(size)
-    root = os.environ.get("CLIPTRANSFER_CACHE") or Path.home() / ".cache" / "cliptransfer"
-    return Path(root) / f"shapes-{size}-seed{seed}-v{GENERATOR_VERSION}"
+    return cache_dir() / f"shapes-{size}-seed{seed}-v{GENERATOR_VERSION}"
 
 
 def _check_size(size: str) -> WorldSize:
