@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from cliptransfer.visual.region_import import import_regions
 from cliptransfer.visual.regions import detect_format, iter_regions
@@ -34,13 +33,7 @@ FAST = RegionTrainConfig(steps=3, batch_images=4, rois_per_image=16, warmup=1)
 SPLITS = ("val2014", "flickr30k")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two cores shared by several jobs: one intra-op thread avoids OpenMP oversubscription.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from cliptransfer.engine import run_task
 from cliptransfer.tasks.snli_ve.data import (
@@ -26,12 +25,7 @@ class ve:  # noqa: N801 - the launcher's entry points, as tests call them
     load_trained = staticmethod(load_trained)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _write(path: Path, records: list) -> Path:

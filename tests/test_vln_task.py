@@ -24,12 +24,7 @@ SMALL = ["--set", "agent.hidden=32", "--set", "agent.word_embed=16", "--set",
          "--set", "data.vocab_size=120", "--set", "data.houses.size=tiny"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,7 @@ from cliptransfer.visual.inputs import grid_boxes, grid_inputs, pad_visual
 C, A, V = 12, 7, 30
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _heads(spatial: int = 4) -> dict[str, torch.nn.Module]:

@@ -32,13 +32,7 @@ VAL_Q = "vqa/v2_OpenEnded_mscoco_val2014_questions.json"
 VAL_A = "vqa/v2_mscoco_val2014_annotations.json"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine: a second OpenMP thread only spins.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _args(world: Path, out: Path, cache: Path, *extra: str) -> list[str]:
