@@ -139,7 +139,8 @@ class NavEnv:
 
         # Teacher: STOP at the goal, otherwise the candidate that is the next hop.
         at_goal = vp == self.goal
-        nxt = t.next_hop(vp, self.goal)
+        pair = t.pair_index(vp, self.goal)  # once: the teacher and the distance both read it
+        nxt = t.pair_next[pair]
         hit = target == nxt[:, None]
         teacher = np.where(at_goal, count, hit.argmax(1))
         lost = ~at_goal & ~hit.any(1) & ~self.ended
@@ -168,7 +169,7 @@ class NavEnv:
             cand_count=torch.from_numpy(count),
             cand_viewpoint=torch.from_numpy(target),
             teacher=torch.from_numpy(teacher.astype(np.int64)),
-            distance=torch.from_numpy(t.distance(vp, self.goal)),
+            distance=torch.from_numpy(t.pair_distance[pair]),
             ended=torch.from_numpy(self.ended.copy()),
         )
 

@@ -150,7 +150,8 @@ class NavTables:
             out.append(self.index[(scan, vp)])
         return np.array(out, np.int64)
 
-    def _pair(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    def pair_index(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Positions of the (a, b) pairs in `pair_distance` / `pair_next` (same scan only)."""
         s = self.scan_of[a]
         if np.any(s != self.scan_of[b]):
             raise ValueError("distance between viewpoints of different scans")
@@ -158,11 +159,11 @@ class NavTables:
 
     def distance(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Geodesic metres from a to b, elementwise over global ids (NavGraph.distance)."""
-        return self.pair_distance[self._pair(np.asarray(a), np.asarray(b))]
+        return self.pair_distance[self.pair_index(np.asarray(a), np.asarray(b))]
 
     def next_hop(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Global id of `shortest_path(a, b)[1]`; -1 where a == b or b is unreachable."""
-        return self.pair_next[self._pair(np.asarray(a), np.asarray(b))]
+        return self.pair_next[self.pair_index(np.asarray(a), np.asarray(b))]
 
     def candidate_headings(self, vp: np.ndarray, view_index: np.ndarray) -> np.ndarray:
         """(B, K) EnvDrop candidate `heading` relative to the agent's view column: (view
