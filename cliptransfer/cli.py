@@ -3,12 +3,14 @@
     cliptransfer prepare shapes --out world [--size small] [--seed 0]
     cliptransfer prepare houses --out houses [--size small] [--seed 0]
     cliptransfer prepare bottomup --world world --out world/bottomup [--boxes fixed36]
+    cliptransfer prepare clip-corpus --shapes world --houses houses --out corpus
     cliptransfer tokenizer train --input world/captions.txt --vocab-size 1000 --out tok/
     cliptransfer extract grid --backbone CKPT --images DIR --size 600x1000 --out STORE
     cliptransfer extract import-regions trainval_36.tsv --out STORE
     cliptransfer evaluate vqa --questions Q.json --annotations A.json --results R.json [--legacy]
     cliptransfer evaluate snli-ve --data snli_ve_test.jsonl --results R.json
     cliptransfer compare --task vqa --features clip-grid,bottomup --backbones default,RN50 --out DIR
+    cliptransfer compare --task vln --features clip,supervised
     cliptransfer show-episode --episodes R2R_val_unseen.json --connectivity DIR --instr-id 4332_0 --out ep.png
     cliptransfer info CHECKPOINT
 
@@ -72,8 +74,19 @@ def _shapes_tokenizer(args: argparse.Namespace) -> int:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the expected "vocab clamped" note
-        tok = build_shapes_tokenizer(args.world, args.out)
+        tok = build_shapes_tokenizer(args.world, args.out, houses=args.houses)
     print(f"wrote {args.out} (vocab_size={tok.vocab_size}, context_length={tok.context_length})")
+    return 0
+
+
+def _prepare_clip_corpus(args: argparse.Namespace) -> int:
+    from cliptransfer.fileio import read_json
+    from cliptransfer.worlds.clip_corpus import build_clip_corpus
+
+    out = build_clip_corpus(args.shapes, args.houses, args.out, seed=args.seed,
+                            house_repeats=args.house_repeats, overwrite=args.overwrite)  # fmt: skip
+    counts = read_json(out / "manifest.json")["counts"]
+    print(f"wrote {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 
 
@@ -156,10 +169,12 @@ def _import_regions(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from cliptransfer.compare import run_compare, split_list
+    from cliptransfer.engine.task import registered
 
+    kinds = registered()[args.task].compare.feature_kinds
     run_compare(
         args.task,
-        split_list(args.features),
+        split_list(args.features) if args.features else list(kinds),
         split_list(args.backbones),
         args.out,
         args.overrides,
@@ -228,7 +243,19 @@ def build_parser() -> argparse.ArgumentParser:
     st = prepare_sub.add_parser("shapes-tokenizer", help="train the Shapes SentencePiece model")
     st.add_argument("--world", required=True, help="a Shapes world folder")
     st.add_argument("--out", required=True, help="output tokenizer folder")
+    st.add_argument("--houses", help="a Shapes-houses folder: add its view captions")
     st.set_defaults(func=_shapes_tokenizer)
+
+    cc = prepare_sub.add_parser(
+        "clip-corpus", help="the packaged CLIP's pairs: Shapes scenes, object regions, house views"
+    )
+    cc.add_argument("--shapes", required=True, help="a Shapes world folder")
+    cc.add_argument("--houses", help="a Shapes-houses folder (its captions/views_train.jsonl)")
+    cc.add_argument("--out", required=True)
+    cc.add_argument("--seed", type=int, default=0)
+    cc.add_argument("--house-repeats", type=int, default=3)
+    cc.add_argument("--overwrite", action="store_true")
+    cc.set_defaults(func=_prepare_clip_corpus)
 
     tok = sub.add_parser("tokenizer", help="train SentencePiece tokenizers")
     tok_sub = tok.add_subparsers(dest="what", required=True)
@@ -300,11 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument(
         "--task", required=True, choices=[n for n, s in tasks.items() if s.compare is not None]
     )
-    cmp.add_argument("--features", default="clip-grid,bottomup", help="clip-grid and/or bottomup")
+    cmp.add_argument(
+        "--features",
+        help="comma list of the task's feature kinds (default: all): clip-grid,bottomup for VQA "
+        "and SNLI-VE; clip,supervised for VLN",
+    )
     cmp.add_argument(
         "--backbones",
         default="default",
-        help="clip-grid backbones: 'default', arch names, checkpoints or LABEL=PATH (comma list)",
+        help="CLIP backbones: 'default', arch names, checkpoints or LABEL=PATH (comma list)",
     )
     cmp.add_argument("--out", help="output folder (default runs/compare-TASK)")
     cmp.add_argument(

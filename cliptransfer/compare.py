@@ -2,15 +2,18 @@
 
     cliptransfer compare --task vqa --features clip-grid,bottomup --backbones default,RN50
     cliptransfer compare --task snli-ve --features clip-grid --backbones default,mine=runs/p/final
+    cliptransfer compare --task vln --features clip,supervised
 
-Settings are features x backbones (the backbone only matters for clip-grid, so bottomup runs
-once). Each setting runs the task script (`tasks/vqa.py`, `tasks/snli_ve.py`) in its own
-subprocess, so every run starts with a fresh Accelerate state and frees its memory, with
-`--set features.kind=K --set backbone=B --set train.out_dir=OUT/<setting>` followed by the same
-user overrides for every setting: the head and the training budget are identical by construction.
+Settings are features x backbones (the backbone only matters for the CLIP feature kind, so
+bottomup / supervised runs once). Each setting runs the task script (`tasks/vqa.py`,
+`tasks/snli_ve.py`, `tasks/vln.py`) in its own subprocess, so every run starts with a fresh
+Accelerate state and frees its memory, with `--set features.kind=K` (VLN: `encoder=K`)
+`--set backbone=B --set train.out_dir=OUT/<setting>` followed by the same user overrides for every
+setting: the head (agent) and the training budget are identical by construction.
 
 Each run's `metrics.json` (VQA: `val.overall` + `val.perAnswerType`; SNLI-VE: `val.accuracy` +
-`val.per_label`) becomes a row of OUT/compare.md, compare.png and compare.json. A setting finished
+`val.per_label`; VLN: `val_unseen` SR / SPL / nDTW / SDTW / NE, with its baselines as reference
+rows) becomes a row of OUT/compare.md, compare.png and compare.json. A setting finished
 by an earlier run of the same command is reused (`rerun=True` reruns). No torch import here, and
 matplotlib only when the plot is drawn: `cliptransfer --help` stays fast.
 """
@@ -37,9 +40,9 @@ from cliptransfer.fileio import (
     write_json,
 )
 
-FEATURES = ("clip-grid", "bottomup")
-# Set by compare for each setting; a user override of these would make the settings identical.
-RESERVED = {"features.kind": "--features", "backbone": "--backbones", "train.out_dir": "--out"}
+# Set by compare for each setting (with the task's features key); a user override of these would
+# make the settings identical.
+RESERVED = {"backbone": "--backbones", "train.out_dir": "--out"}
 RECORD = "compare_command.json"
 
 
@@ -70,6 +73,10 @@ class TaskSpec:
     def scores(self, m: dict[str, Any]) -> dict[str, float | None]:
         return self.cols.scores(m)
 
+    @property
+    def reserved(self) -> dict[str, str]:
+        return {self.cols.features_key: "--features", **RESERVED}
+
 
 def _spec(task: str) -> TaskSpec:
     """The registered task and its compare columns (`cliptransfer.engine.task.registered`)."""
@@ -88,10 +95,11 @@ class Setting:
     name: str  # also the run's folder under OUT
     feature: str
     backbone: str | None = None  # "default", an arch name or a checkpoint; None for bottomup
+    features_key: str = "features.kind"  # the task's config field for the feature kind
 
     def overrides(self, run_dir: Path) -> list[str]:
         backbone = [] if self.backbone is None else [f"backbone={self.backbone}"]
-        return [f"features.kind={self.feature}", *backbone, f"train.out_dir={run_dir}"]
+        return [f"{self.features_key}={self.feature}", *backbone, f"train.out_dir={run_dir}"]
 
 
 def split_list(text: str) -> list[str]:
@@ -109,14 +117,19 @@ def _label(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", spec).strip("-.") or "backbone"
 
 
-def expand_settings(features: Sequence[str], backbones: Sequence[str] = ()) -> list[Setting]:
-    """features x backbones, in the given order; bottomup once. A backbone may be `LABEL=SPEC` to
-    name its setting `clip-grid-LABEL`; otherwise the label comes from the spec."""
+def expand_settings(
+    features: Sequence[str], backbones: Sequence[str] = (), task: str = "vqa"
+) -> list[Setting]:
+    """features x backbones, in the given order; the non-CLIP kind once. A backbone may be
+    `LABEL=SPEC` to name its setting `clip-grid-LABEL` (VLN: `clip-LABEL`); otherwise the label
+    comes from the spec."""
+    cols = _spec(task).cols
+    kinds = cols.feature_kinds
     if not features:
-        raise CompareError(f"no features given: choose from {', '.join(FEATURES)}")
-    bad = [f for f in features if f not in FEATURES]
+        raise CompareError(f"no features given: choose from {', '.join(kinds)}")
+    bad = [f for f in features if f not in kinds]
     if bad:
-        raise CompareError(f"unknown feature kind {bad[0]!r}: choose from {', '.join(FEATURES)}")
+        raise CompareError(f"unknown feature kind {bad[0]!r}: choose from {', '.join(kinds)}")
     parsed: list[tuple[str, str]] = []
     for b in dict.fromkeys(backbones or ["default"]):
         label, sep, rest = b.partition("=")
@@ -125,11 +138,12 @@ def expand_settings(features: Sequence[str], backbones: Sequence[str] = ()) -> l
         else:
             parsed.append((_label(b), b))
     settings: list[Setting] = []
+    key = cols.features_key
     for feature in dict.fromkeys(features):
-        if feature == "clip-grid":
-            settings += [Setting(f"clip-grid-{label}", feature, b) for label, b in parsed]
+        if feature == cols.backbone_kind:
+            settings += [Setting(f"{feature}-{label}", feature, b, key) for label, b in parsed]
         else:
-            settings.append(Setting(feature, feature))
+            settings.append(Setting(feature, feature, None, key))
     names = [s.name for s in settings]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup is not None:
@@ -166,12 +180,12 @@ def _sets(overrides: Sequence[str]) -> list[str]:
     return [a for o in overrides for a in ("--set", o)]
 
 
-def _check_overrides(overrides: Sequence[str]) -> None:
+def _check_overrides(overrides: Sequence[str], reserved: dict[str, str]) -> None:
     for text in overrides:
         key, sep, _ = text.partition("=")
         if not sep or not key.strip():
             raise CompareError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.epochs=2")
-        if (flag := RESERVED.get(key.strip())) is not None:
+        if (flag := reserved.get(key.strip())) is not None:
             raise CompareError(f"--set {text}: compare sets {key.strip()} itself; use {flag}")
 
 
@@ -201,11 +215,12 @@ def _read_metrics(spec: TaskSpec, setting: Setting, path: Path) -> dict[str, Any
         metrics = read_json(path)
     except JSONFileError as e:
         raise CompareError(f"setting {setting.name!r}: {e}") from None
-    val = metrics.get("val")
+    split = spec.cols.split
+    val = metrics.get(split)
     if not isinstance(val, dict) or spec.overall not in val:
         raise CompareError(
-            f"setting {setting.name!r}: {path} has no val.{spec.overall} (a {spec.name} run "
-            "without val annotations cannot be compared)"
+            f"setting {setting.name!r}: {path} has no {split}.{spec.overall} (a {spec.name} run "
+            f"without {split} annotations cannot be compared)"
         )
     return metrics
 
@@ -253,7 +268,7 @@ def _row(spec: TaskSpec, setting: Setting, metrics: dict, path: Path, reused: bo
         "input_size": feats.get("input_size"),
         "grid_size": feats.get("grid_size"),
         "channels": feats.get("channels"),
-        "val": spec.scores(metrics["val"]),
+        "val": spec.scores(metrics[spec.cols.split]),
         "train_samples_per_s": metrics.get("train_samples_per_s"),
         "peak_memory": {"kind": mem.get("kind"), "mib": mem.get("mib")},
         "seconds": metrics.get("seconds"),
@@ -264,15 +279,16 @@ def _row(spec: TaskSpec, setting: Setting, metrics: dict, path: Path, reused: bo
 
 
 def _priors(spec: TaskSpec, rows: list[dict], all_metrics: list[dict]) -> list[dict]:
-    """The distinct priors of the runs (one unless settings evaluated different examples)."""
+    """The distinct reference rows of the runs (VQA / SNLI-VE: the prior, one unless settings
+    evaluated different examples; VLN: random, forward and each run's no-vision twin)."""
     priors: list[dict] = []
     for row, m in zip(rows, all_metrics):
-        if isinstance(m.get("prior"), dict):
-            val = spec.scores(m["prior"])
-            if all(p["val"] != val for p in priors):
-                priors.append({"source": row["setting"], "val": val})
-    for p in priors:
-        p["setting"] = spec.prior_label + (f" ({p['source']})" if len(priors) > 1 else "")
+        for label, val in spec.cols.references(m).items():
+            if all(p["label"] != label or p["val"] != val for p in priors):
+                priors.append({"label": label, "source": row["setting"], "val": val})
+    labels = [p.pop("label") for p in priors]
+    for p, label in zip(priors, labels):
+        p["setting"] = label + (f" ({p['source']})" if labels.count(label) > 1 else "")
     return priors
 
 
@@ -286,7 +302,8 @@ def _fmt(v: Any, digits: int = 2) -> str:
 
 def _input_cell(row: dict) -> str:
     size, grid = ("x".join(map(str, row[k] or [])) or "-" for k in ("input_size", "grid_size"))
-    cells = {"grid": f"{size} → {grid}", "regions": "regions", "end2end": f"{size} (pixels)"}
+    cells = {"grid": f"{size} → {grid}", "regions": "regions", "end2end": f"{size} (pixels)",
+             "views": f"36 views {size}"}  # fmt: skip
     return cells.get(row["feature_kind"], "-")
 
 
@@ -332,8 +349,8 @@ def plot_png(spec: TaskSpec, rows: list[dict], priors: list[dict]) -> bytes:
             acc.hlines(num(p["val"][c]), j - 0.45, j + 0.45, colors="black",
                        linestyles=["--", ":", "-."][k % 3], label=p["setting"] if j == 0 else None)  # fmt: skip
     acc.set_xticks(range(len(spec.columns)), spec.columns)
-    acc.set_ylabel("val accuracy (%)")
-    acc.set_title(f"{spec.name}: accuracy per setting")
+    acc.set_ylabel(f"{spec.cols.split} {spec.cols.unit}")
+    acc.set_title(f"{spec.name}: {spec.cols.split} per setting")
     acc.legend(fontsize="small")
     colors = [f"C{i}" for i in range(len(rows))]
     speed.bar(names, [num(r["train_samples_per_s"]) for r in rows], color=colors)
@@ -370,10 +387,11 @@ def run_compare(
     """
     path = task_script(task, script)
     spec = _spec(task)
-    _check_overrides(overrides)
-    settings = expand_settings(features, backbones)
-    if "clip-grid" not in features and list(backbones) not in ([], ["default"]):
-        log("note: --backbones only applies to clip-grid, which is not among --features")
+    _check_overrides(overrides, spec.reserved)
+    settings = expand_settings(features, backbones, task)
+    clip_kind = spec.cols.backbone_kind
+    if clip_kind not in features and list(backbones) not in ([], ["default"]):
+        log(f"note: --backbones only applies to {clip_kind}, which is not among --features")
     out = Path(out or f"runs/compare-{task}")
     prefix = shlex.split(launcher) if launcher else [sys.executable]
     rows, all_metrics = [], []
@@ -392,7 +410,8 @@ def run_compare(
     common = shlex.join((["--config", config] if config else []) + _sets(overrides))
     atomic_write_text(
         out / "compare.md",
-        f"# {task}: feature settings compared\n\n{table}\n\nVal accuracy (%) at the best epoch; "
+        f"# {task}: feature settings compared\n\n{table}\n\nScores on {spec.cols.split}, "
+        f"{spec.cols.unit}, at the best epoch; "
         f"every setting ran {path.name} with the same arguments: `{common or '(none)'}`.\n",
     )
     atomic_write_bytes(out / "compare.png", plot_png(spec, rows, priors))

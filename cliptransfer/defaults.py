@@ -1,4 +1,4 @@
-"""Assets shipped in the package: the Shapes tokenizer and the default pretrained tiny CLIP.
+"""Assets shipped in the package: the Shapes tokenizer and the default pretrained small CLIP.
 
 Both were made by commands in this repository (see `cliptransfer/assets/README.md`), so a fresh
 clone runs every script with no download and no extra step.
@@ -10,7 +10,7 @@ from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 SHAPES_TOKENIZER = ASSETS / "shapes_tokenizer"
-DEFAULT_CLIP = ASSETS / "clip_rn_tiny_shapes"
+DEFAULT_CLIP = ASSETS / "clip_rn_small_shapes"
 
 
 def resolve_tokenizer(name: str | Path, context_length: int | None = None):
@@ -21,35 +21,43 @@ def resolve_tokenizer(name: str | Path, context_length: int | None = None):
     return load_tokenizer(path, context_length=context_length)
 
 
-def shapes_text_corpus(world: str | Path) -> list[str]:
+def shapes_text_corpus(world: str | Path, houses: str | Path | None = None) -> list[str]:
     """Every sentence a Shapes task feeds a text encoder (train splits only): the captions, then
     what each registered task declares (`text_corpus`: VQA questions and answers, SNLI-VE
-    hypotheses, ...)."""
+    hypotheses, ...), then the house views' captions when `houses` is given."""
     from cliptransfer.engine.task import registered
+    from cliptransfer.fileio import iter_jsonl
 
     world = Path(world)
     lines = (world / "captions.txt").read_text().splitlines()
     for spec in registered().values():
         if spec.text_corpus is not None:
             lines += spec.text_corpus(world)
+    if houses is not None:
+        lines += [
+            row["caption"] for _, row in iter_jsonl(Path(houses) / "captions" / "views_train.jsonl")
+        ]
     return lines
 
 
-def build_shapes_tokenizer(world: str | Path, out: str | Path = SHAPES_TOKENIZER):
-    """Train the packaged Shapes tokenizer (context 48, as the tiny CLIP configs) on a world."""
+def build_shapes_tokenizer(
+    world: str | Path, out: str | Path = SHAPES_TOKENIZER, houses: str | Path | None = None
+):
+    """Train the packaged Shapes tokenizer (context 48, as the tiny CLIP configs) on a world (and
+    the Shapes houses' view captions)."""
     import tempfile
 
     from cliptransfer.tokenization import train_sentencepiece
 
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.txt"
-        corpus.write_text("\n".join(shapes_text_corpus(world)) + "\n")
+        corpus.write_text("\n".join(shapes_text_corpus(world, houses)) + "\n")
         # 1000 requested: the small grammar supports fewer pieces; training clamps and says so.
         return train_sentencepiece(corpus, 1000, Path(out), context_length=48)
 
 
 def resolve_clip(name: str | Path):
-    """ "default" -> the packaged tiny CLIP pretrained on the Shapes world; else `load_clip(path)`."""
+    """ "default" -> the packaged small CLIP (Shapes scenes, regions, houses); else `load_clip`."""
     from cliptransfer.clip import load_clip
 
     return load_clip(DEFAULT_CLIP if str(name) == "default" else Path(name))

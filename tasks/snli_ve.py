@@ -3,7 +3,7 @@
 The image is the premise, `sentence2` the hypothesis; a head over grid cells (or BottomUp regions)
 and the hypothesis predicts entailment / neutral / contradiction (cross-entropy). The best epoch
 on dev is kept and scored on test. With no arguments: the Shapes world's Flickr30k-style images
-and SNLI-VE files, the packaged tiny CLIP's grid features, a small MCAN head; the report prints
+and SNLI-VE files, the packaged small CLIP's grid features, a small MCAN head; the report prints
 accuracy overall and per gold label next to the majority-label prior.
 
     accelerate launch tasks/snli_ve.py

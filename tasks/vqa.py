@@ -1,6 +1,6 @@
 """VQA v2 transfer of a CLIP backbone (CLIP-ViL's "direct fine-tuning" setting), through Accelerate.
 
-With no arguments it prepares the Shapes world (if needed), extracts the packaged tiny CLIP's grid
+With no arguments it prepares the Shapes world (if needed), extracts the packaged small CLIP's grid
 features into a cached feature store, trains a small MCAN head, scores it on val with the official
 VQA metric and prints it next to the answer prior (most frequent train answer per question type):
 

@@ -227,3 +227,58 @@ def test_real_vqa_runs_through_compare(tiny_world: Path, tmp_path: Path, capsys)
     # The prepared store was used: no detector analogue trained (if tasks_common's cache layout
     # changes, update _region_store's path rather than let this test take ~90 s).
     assert "region model" not in (out / "bottomup" / "compare.log").read_text()
+
+
+# A stand-in tasks/vln.py: VLN's metrics.json shape (rates as fractions, baselines per split).
+FAKE_VLN = r"""
+import json, sys
+from pathlib import Path
+sets = dict(a.split("=", 1) for a in sys.argv[2::2])
+enc = sets["encoder"]
+sr = {"clip": 0.40, "supervised": 0.25}[enc]
+def m(sr, ne):
+    return {"nav_error": ne, "success_rate": sr, "spl": sr - 0.05, "ndtw": 0.5, "sdtw": sr / 2}
+blind = m(0.30, 5.0) if enc == "clip" else m(0.31, 5.0)
+out = Path(sets["train.out_dir"])
+out.mkdir(parents=True, exist_ok=True)
+(out / "metrics.json").write_text(json.dumps({
+    "val_seen": m(sr + 0.1, 3.0), "val_unseen": m(sr, 4.0),
+    "baselines": {"random": {"val_seen": m(0.1, 8.0), "val_unseen": m(0.12, 8.0)},
+                  "no_vision": {"val_seen": blind, "val_unseen": blind}},
+    "features": {"kind": "views", "backbone": sets.get("backbone", "region"),
+                 "input_size": [96, 128], "channels": 256},
+    "train_samples_per_s": 50.0, "seconds": 10.0,
+    "peak_memory": {"kind": "cpu_ru_maxrss", "mib": 900.0}, "best_epoch": 3}))
+"""
+
+
+def test_vln_compare_sets_the_encoder_and_reads_val_unseen_with_baselines(tmp_path: Path):
+    script = tmp_path / "fake_vln.py"
+    script.write_text(FAKE_VLN)
+    assert expand_settings(["clip", "supervised"], ["default"], "vln") == [
+        Setting("clip-default", "clip", "default", "encoder"),
+        Setting("supervised", "supervised", None, "encoder"),
+    ]
+    with pytest.raises(CompareError, match="unknown feature kind 'clip-grid': choose from clip"):
+        expand_settings(["clip-grid"], [], "vln")
+    with pytest.raises(CompareError, match="compare sets encoder itself; use --features"):
+        run_compare("vln", ["clip"], ["default"], tmp_path / "x", ["encoder=clip"], script=script)
+    out = tmp_path / "cmp"
+    res = run_compare("vln", ["clip", "supervised"], ["default"], out, [], script=script,
+                      log=lambda m: None)  # fmt: skip
+    assert res["columns"] == ["success_rate", "spl", "ndtw", "sdtw", "nav_error"]
+    rows = {r["setting"]: r for r in res["rows"]}
+    # Rates shown in percent, NE in metres, from val_unseen.
+    assert rows["clip-default"]["val"] == pytest.approx(
+        {"success_rate": 40.0, "spl": 35.0, "ndtw": 50.0, "sdtw": 20.0, "nav_error": 4.0}
+    )
+    assert rows["supervised"]["val"]["success_rate"] == pytest.approx(25.0)
+    # random is the same for both runs (one row); each run's no-vision twin differs (two rows).
+    assert [p["setting"] for p in res["prior"]] == [
+        "random",
+        "no_vision (clip-default)",
+        "no_vision (supervised)",
+    ]
+    table = (out / "compare.md").read_text()
+    assert "| clip-default | views | default | 36 views 96x128 | 256 | 40.00 | 35.00 |" in table
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"

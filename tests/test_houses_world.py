@@ -162,6 +162,46 @@ def test_extract_views_env_and_show_episode_on_a_house(houses, tmp_path):
     assert rc == 0 and out.stat().st_size > 10_000
 
 
+def test_supervised_view_encoder_is_the_detectors_pool5_of_the_whole_view(houses, tmp_path):
+    """EnvDrop's ImageNet-pool5 analogue: the region model's pool5 of one box = the whole view."""
+    import torch
+
+    from cliptransfer.nav import NavTables, load_view_table
+    from cliptransfer.nav.extract_views import RegionViewEncoder, extract_views, viewpoint_images
+    from cliptransfer.nav.view_features import NUM_VIEWS
+    from cliptransfer.worlds.shapes.region_model import (
+        RegionModelConfig,
+        RegionNet,
+        save_region_model,
+    )  # fmt: skip
+
+    torch.manual_seed(0)
+    cfg = RegionModelConfig(["circle", "star"], {"colour": ["red"], "size": ["small"]}, dim=32,
+                            widths=(8, 8, 16), head_width=16)  # fmt: skip
+    save_region_model(RegionNet(cfg).eval(), tmp_path / "model")
+    encoder = RegionViewEncoder(tmp_path / "model")
+    assert encoder.meta["channels"] == 32 and encoder.meta["feature"] == "region_pool5_whole_view"
+    conn = houses / "r2r" / "connectivity"
+    scan = read_json(houses / "manifest.json")["splits"]["val_unseen"][0]
+    stats = extract_views(encoder, conn, tmp_path / "views", skyboxes=houses / "scans",
+                          scans=[scan], width=64, height=48)  # fmt: skip
+    graphs = load_graphs(conn, [scan])
+    assert stats["written"] == len(graphs[scan].viewpoints)
+    features = load_view_table(tmp_path / "views", NavTables.build(graphs))  # (N, 36, 32)
+    vp = graphs[scan].viewpoints[0]
+    imgs = viewpoint_images(scan, vp, graphs[scan].poses[vp].reshape(-1),
+                            skyboxes=houses / "scans", views_dir=None, width=64, height=48,
+                            vfov=math.radians(60))  # fmt: skip
+    net = RegionNet(cfg)
+    net.load_state_dict(encoder.module.state_dict())
+    with torch.no_grad():
+        for ix in (0, 13, 35):
+            x = torch.from_numpy(imgs[ix]).permute(2, 0, 1)[None]  # (1, 3, 48, 64) uint8
+            want = net.eval().pool5(net.feature_map(x), torch.tensor([[0.0, 0, 0, 64, 48]]))
+            assert torch.allclose(features[0, ix], want[0], atol=1e-5)
+    assert features.shape[1] == NUM_VIEWS and (features >= 0).all()  # post-ReLU, as pool5
+
+
 def test_statistics_and_turn_words(houses):
     stats = read_json(houses / "manifest.json")["stats"]
     assert 2.5 < stats["graph"]["degree_mean"] < 6

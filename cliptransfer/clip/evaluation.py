@@ -19,9 +19,12 @@ from cliptransfer.contrastive.augment import eval_transform
 from cliptransfer.contrastive.pairs import PairRecord, open_image
 from cliptransfer.fileio import iter_jsonl, read_json
 
-# Prompt templates for the Shapes world's zero-shot tasks (CLIP-style ensembles).
+# Prompt templates for the Shapes world's zero-shot tasks (CLIP-style ensembles), in the
+# phrasing of the world's captions ("a picture of", "an image of"): the tokenizer has no pieces
+# for words the captions never use, so "a {} on a plain background." cost the packaged CLIP
+# 35 shape points (its text tower had never seen "plain").
 SHAPES_TEMPLATES = {
-    "shape": ["a {}.", "a picture of a {}.", "a {} on a plain background.", "one {}."],
+    "shape": ["a {}.", "a picture of a {}.", "a photo of a {}.", "an image of a {}."],
     "color": ["a {} object.", "a {} shape.", "something {}.", "a picture of a {} thing."],
 }
 
@@ -56,8 +59,16 @@ class ClassifySet:
 
     @classmethod
     def from_world(cls, world: Path) -> ClassifySet:
-        classes_file = world / "classify" / "classes.json"
-        data_file = world / "classify" / "val.jsonl"
+        return cls.from_folder(Path(world) / "classify")
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> ClassifySet:
+        """classes.json ({task: [class names]}) + val.jsonl ({"image", task: class} per line,
+        images relative to the folder's parent, as in a Shapes world)."""
+        folder = Path(folder)
+        world = folder.parent
+        classes_file = folder / "classes.json"
+        data_file = folder / "val.jsonl"
         for f in (classes_file, data_file):
             if not f.is_file():
                 raise FileNotFoundError(f"zero-shot set incomplete: {f} missing")

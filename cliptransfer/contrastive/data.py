@@ -25,6 +25,9 @@ class PairDataConfig:
     train: str = ""  # .jsonl/.csv/.tar/folder of shards; "" = the Shapes world's train pairs
     val: str = ""  # "" = the Shapes world's val pairs
     image_root: str | None = None  # base folder of relative image paths (default: the file's)
+    # Zero-shot set (a folder with classes.json + val.jsonl, as a Shapes world's classify/);
+    # "" = the Shapes world's when its pairs are used, else none.
+    classify: str = ""
     image: ImageAugConfig = field(default_factory=ImageAugConfig)
     second_view: bool = False  # SLIP/DeCLIP: a second, strongly augmented view
     view: ImageAugConfig = field(

@@ -220,21 +220,45 @@ class EvalOnlyTask(Task):
 
 @dataclass(frozen=True)
 class CompareColumns:
-    """Which numbers of a run's `metrics.json` make the columns of `cliptransfer compare`."""
+    """What `cliptransfer compare` varies in a task and which numbers of a run's `metrics.json`
+    make its columns."""
 
-    overall: str  # key of val/prior holding the overall accuracy (percent)
-    breakdown_key: str  # key of val/prior holding {group: accuracy or null}
+    overall: str  # key of the scores (and of each reference) holding the headline number
+    breakdown_key: str | None  # key holding {group: number or null}; None: groups at top level
     breakdown: tuple[str, ...]
-    prior_label: str
+    prior_label: str  # the label of metrics.json's "prior" entry (references_key="prior")
+    split: str = "val"  # metrics.json key of the run's scores
+    features_key: str = "features.kind"  # the config field compare sets per setting
+    feature_kinds: tuple[str, ...] = ("clip-grid", "bottomup")
+    backbone_kind: str = "clip-grid"  # the one feature kind that takes --backbones
+    # "prior": metrics["prior"] is one reference entry; "baselines": metrics["baselines"] maps
+    # a label to {split: entry} (VLN's random / forward / no-vision walks).
+    references_key: str = "prior"
+    fractions: tuple[str, ...] = ()  # columns stored as fractions, shown in percent (VLN rates)
+    unit: str = "accuracy (%)"  # what the numbers are (table caption, plot axis)
 
     @property
     def columns(self) -> tuple[str, ...]:
         return (self.overall, *self.breakdown)
 
     def scores(self, m: Mapping[str, Any]) -> dict[str, float | None]:
-        """{column: accuracy or None} of one `val` / `prior` entry."""
-        groups = m.get(self.breakdown_key) or {}
-        return {self.overall: m[self.overall], **{g: groups.get(g) for g in self.breakdown}}
+        """{column: number or None} of one scores / reference entry."""
+        groups = m if self.breakdown_key is None else (m.get(self.breakdown_key) or {})
+
+        def shown(key: str, v: Any) -> float | None:
+            return None if v is None else float(v) * (100.0 if key in self.fractions else 1.0)
+
+        return {self.overall: shown(self.overall, m[self.overall]),
+                **{g: shown(g, groups.get(g)) for g in self.breakdown}}  # fmt: skip
+
+    def references(self, metrics: Mapping[str, Any]) -> dict[str, dict[str, float | None]]:
+        """{label: scores} of the reference rows a run reports (the prior, or its baselines)."""
+        if self.references_key == "prior":
+            prior = metrics.get("prior")
+            return {self.prior_label: self.scores(prior)} if isinstance(prior, dict) else {}
+        found = metrics.get(self.references_key) or {}
+        return {label: self.scores(by_split[self.split]) for label, by_split in found.items()
+                if isinstance(by_split, dict) and isinstance(by_split.get(self.split), dict)}  # fmt: skip
 
 
 @dataclass(frozen=True)

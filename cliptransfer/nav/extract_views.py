@@ -10,6 +10,7 @@ crop, normalise.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,14 @@ from cliptransfer.nav.views import view_angles
 from cliptransfer.visual.extract import load_backbone, rank_shard
 from cliptransfer.visual.store import FeatureStore
 
-__all__ = ["clip_preprocess", "extract_views", "viewpoint_images"]
+__all__ = [
+    "ClipViewEncoder",
+    "RegionViewEncoder",
+    "ViewEncoder",
+    "clip_preprocess",
+    "extract_views",
+    "viewpoint_images",
+]
 
 
 def clip_preprocess(img: np.ndarray, size: int) -> torch.Tensor:
@@ -59,24 +67,80 @@ def viewpoint_images(scan: str, vp: str, pose: np.ndarray, *, skyboxes: Path | N
             for ix in range(NUM_VIEWS)]  # fmt: skip
 
 
+class ViewEncoder(ABC):
+    """Encodes a viewpoint's 36 (H, W, 3) uint8 views -> (36, D); `meta` describes the features
+    for the store (backbone, checkpoint sha256, feature, input size, channels)."""
+
+    def __init__(self, module: torch.nn.Module, meta: dict[str, Any]) -> None:
+        self.module, self.meta = module.eval(), meta
+
+    def to(self, device: torch.device) -> ViewEncoder:
+        self.module = self.module.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    @abstractmethod
+    def __call__(self, images: list[np.ndarray]) -> torch.Tensor: ...
+
+
+class ClipViewEncoder(ViewEncoder):
+    """CLIP-ViL's features: the projected CLIP image embedding of each view (fp32)."""
+
+    def __init__(self, backbone: Any) -> None:
+        clip, name, sha = load_backbone(backbone)
+        size = clip.image_size
+        dim = int(clip.encode_image(torch.zeros(1, 3, size, size)).shape[-1])
+        super().__init__(clip, {"backbone": name, "checkpoint_sha256": sha, "channels": dim,
+                                "feature": "clip_image_embedding", "input_size": size})  # fmt: skip
+
+    def __call__(self, images: list[np.ndarray]) -> torch.Tensor:
+        size = self.meta["input_size"]
+        pixels = torch.stack([clip_preprocess(im, size) for im in images]).to(self.device)
+        return self.module.encode_image(pixels).float()  # (36, D)
+
+
+class RegionViewEncoder(ViewEncoder):
+    """A supervised in-domain backbone's pooled features (EnvDrop's ImageNet ResNet-152 pool5, on
+    the Shapes world): the detector analogue's pool5 of the whole-view box, on the view as it is
+    (no crop; the detector was trained on whole 160x120 scenes)."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        from cliptransfer.visual.extract import weights_sha256
+        from cliptransfer.worlds.shapes.region_model import WEIGHTS_NAME, load_region_model
+
+        model, _ = load_region_model(model_dir)
+        super().__init__(model, {"backbone": f"shapes region model ({model_dir})",
+                                 "checkpoint_sha256": weights_sha256(Path(model_dir) / WEIGHTS_NAME),
+                                 "channels": model.cfg.dim, "feature": "region_pool5_whole_view",
+                                 "input_size": None})  # fmt: skip
+
+    def __call__(self, images: list[np.ndarray]) -> torch.Tensor:
+        pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(self.device)
+        n, _, h, w = pixels.shape  # (36, 3, H, W) uint8
+        rois = torch.tensor([[i, 0.0, 0.0, w, h] for i in range(n)], device=self.device)
+        return self.module.pool5(self.module.feature_map(pixels), rois).float()  # (36, D)
+
+
 @torch.inference_mode()
-def extract_views(backbone: Any, connectivity: str | Path, out: str | Path, *,
+def extract_views(encoder: Any, connectivity: str | Path, out: str | Path, *,
                   skyboxes: str | Path | None = None, views_dir: str | Path | None = None,
                   scans: list[str] | None = None, width: int = 640, height: int = 480,
                   vfov_deg: float = 60.0, accelerator: Any = None, progress: bool = False) -> dict[str, Any]:  # fmt: skip
-    """Fill the views store `out` for every included viewpoint of `scans`; returns counts."""
+    """Fill the views store `out` for every included viewpoint of `scans`; returns counts.
+    `encoder`: a `ViewEncoder`, or a CLIP backbone (module, "default", checkpoint, arch name)."""
     if (skyboxes is None) == (views_dir is None):
         raise ValueError("give exactly one of skyboxes (a skybox folder) and views_dir (PNG views)")
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = accelerator.device if accelerator else torch.device("cpu")
     graphs = load_graphs(connectivity, scans or read_scans(connectivity))
     items = [(s, v) for s, g in graphs.items() for v in g.viewpoints if g.included[v]]
-    clip, name, sha = load_backbone(backbone)
-    clip = clip.to(device).eval()
-    size = clip.image_size
-    probe = clip.encode_image(torch.zeros(1, 3, size, size, device=device))
-    meta = {"kind": "views", "views": NUM_VIEWS, "channels": int(probe.shape[-1]), "backbone": name,
-            "checkpoint_sha256": sha, "feature": "clip_image_embedding", "input_size": size,
+    if not isinstance(encoder, ViewEncoder):
+        encoder = ClipViewEncoder(encoder)
+    encoder.to(device)
+    meta = {"kind": "views", "views": NUM_VIEWS, **encoder.meta,
             "camera": {"width": width, "height": height, "vfov_deg": vfov_deg},
             "source": "skyboxes" if skyboxes else "pre-rendered views"}  # fmt: skip
     stats = {"store": str(out), "viewpoints": len(items), "written": 0, "already": 0}
@@ -95,8 +159,7 @@ def extract_views(backbone: Any, connectivity: str | Path, out: str | Path, *,
                 views_dir=Path(views_dir) if views_dir else None,
                 width=width, height=height, vfov=math.radians(vfov_deg),
             )  # fmt: skip
-            pixels = torch.stack([clip_preprocess(im, size) for im in imgs]).to(device)
-            writer.add(view_key(scan, vp), clip.encode_image(pixels).float().cpu())  # (36, D)
+            writer.add(view_key(scan, vp), encoder(imgs).cpu())  # (36, D)
             stats["written"] += 1
             if bar is not None:
                 bar.update(1)

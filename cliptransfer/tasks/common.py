@@ -56,7 +56,7 @@ class VLTaskConfig(RunConfig):
     world: WorldConfig = field(default_factory=WorldConfig)
     data: VLDataConfig = field(default_factory=VLDataConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
-    # "default" (packaged tiny CLIP), a checkpoint path, or an arch name (random init, seed 0)
+    # "default" (packaged small CLIP), a checkpoint path, or an arch name (random init, seed 0)
     backbone: str = "default"
     mode: Literal["features", "end2end"] = "features"
     tuning: TuningConfig = field(default_factory=TuningConfig)  # end2end: lock_image or full

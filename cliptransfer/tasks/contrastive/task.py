@@ -43,8 +43,9 @@ class ModelConfig:
     init: str | None = None  # start from a checkpoint (OpenAI/open_clip file, HF or own folder)
     # Field overrides of the architecture, e.g. --set model.text.layers=4 (the CLIP-benchmark
     # "curtailed text encoder" knob) or --set model.vision.width=16.
-    vision: dict[str, int] = field(default_factory=dict)
+    vision: dict[str, int | list[int]] = field(default_factory=dict)
     text: dict[str, int] = field(default_factory=dict)
+    embed_dim: int | None = None  # the joint embedding width (None: the architecture's)
     quick_gelu: bool | None = None
 
 
@@ -86,6 +87,8 @@ def build_clip(cfg: PretrainConfig, vocab_size: int, context_length: int) -> nn.
     )
     if cfg.model.vision:
         extra["vision"] = dict(cfg.model.vision)
+    if cfg.model.embed_dim is not None:
+        extra["embed_dim"] = cfg.model.embed_dim
     return create_clip(cfg.model.arch, text=text, **extra)
 
 
@@ -154,7 +157,11 @@ class ContrastiveTask(Task):
         self.collate = collate_pairs
         self.eval_sets = (
             RetrievalSet.from_records(val, cfg.train.eval_max_images),
-            ClassifySet.from_world(world) if world is not None and not cfg.data.val else None,
+            ClassifySet.from_folder(cfg.data.classify)
+            if cfg.data.classify
+            else ClassifySet.from_folder(world / "classify")
+            if world and not cfg.data.val
+            else None,
         )
         self.bad = {"skipped": 0, "truncated": 0}
         self.bad_examples: list[str] = []

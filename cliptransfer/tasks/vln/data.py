@@ -4,7 +4,6 @@ by default, or real R2R / RxR files."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,12 +34,16 @@ class VLNDataConfig:
     # The Shapes houses: size, seed and optionally root (default: the cache folder).
     houses: dict = field(default_factory=lambda: {"size": "small", "seed": 0})
     camera: str = "128x96"  # views rendered for the houses' features (WIDTHxHEIGHT)
+    # > 0: every view feature rescaled to this L2 norm at load (the store keeps the raw
+    # embeddings). The packaged CLIP's view embeddings have norm ~156, EnvDrop's pool5 ~20.
+    feature_norm: float = 0.0
 
     def __post_init__(self) -> None:
         if self.dataset not in ("r2r", "rxr"):
             raise ConfigError(f"dataset: 'r2r' or 'rxr', got {self.dataset!r}")
         check_range("vocab_size", self.vocab_size, gt=0)
         check_range("max_eval", self.max_eval, ge=0)
+        check_range("feature_norm", self.feature_norm, ge=0)
 
     @property
     def real(self) -> bool:
@@ -68,13 +71,35 @@ def houses_files(root: Path, dataset: str) -> dict[str, str]:
     return {s: str(root / "rxr" / f"rxr_{s}_guide.jsonl.gz") for s in SPLITS}
 
 
-def views_store_name(backbone: str, camera: str) -> str:
-    tag = "default" if backbone == "default" else hashlib.sha256(backbone.encode()).hexdigest()[:12]
-    return f"views-{tag}-{camera}"
+def view_encoder(encoder: str, backbone: str, log=None):
+    """The houses' view encoder: the CLIP `backbone`, or ("supervised") the detector analogue
+    trained on the default Shapes world (prepared and trained once, cached)."""
+    from cliptransfer.nav.extract_views import ClipViewEncoder, RegionViewEncoder
+
+    if encoder == "clip":
+        return ClipViewEncoder(backbone)
+    from cliptransfer.worlds.shapes import default_world_dir, prepare_shapes
+    from cliptransfer.worlds.shapes.bottomup import region_model
+
+    world = prepare_shapes(default_world_dir("small", 0), size="small", seed=0)
+    # The folder VQA's bottomup features use on that world, so the two share one detector.
+    return RegionViewEncoder(region_model(world, world / "features" / "bottomup-shapes-adaptive",
+                                          log=log))  # fmt: skip
+
+
+def views_store_name(encoder_meta: dict, camera: str) -> str:
+    """Named by the encoder's weights, so a new packaged CLIP never reads an old cache."""
+    kind = "supervised-" if encoder_meta["feature"].startswith("region") else ""
+    return f"views-{kind}{encoder_meta['checkpoint_sha256'][:12]}-{camera}"
 
 
 def load_vln_data(
-    cfg: VLNDataConfig, backbone: str, accelerator, *, need_train: bool = True
+    cfg: VLNDataConfig,
+    backbone: str,
+    accelerator,
+    *,
+    need_train: bool = True,
+    encoder: str = "clip",
 ) -> VLNData:
     """Episodes of every split checked against the graphs, and the views store (extracted from
     the houses on the main process first when the data is the default)."""
@@ -96,11 +121,12 @@ def load_vln_data(
             Path(cfg.houses["root"]) if cfg.houses.get("root") else default_houses_dir(size, seed)
         )
         width, height = (int(v) for v in cfg.camera.lower().split("x"))
-        features = houses / views_store_name(backbone, cfg.camera)
-        with accelerator.main_process_first():
+        with accelerator.main_process_first():  # the main process trains/caches, others reuse
+            views = view_encoder(encoder, backbone)
+            features = houses / views_store_name(views.meta, cfg.camera)
             if accelerator.is_main_process:
                 prepare_houses(houses, size, seed)
-                extract_views(backbone, houses / "r2r" / "connectivity", features,
+                extract_views(views, houses / "r2r" / "connectivity", features,
                               skyboxes=houses / "scans", width=width, height=height)  # fmt: skip
         files, connectivity = houses_files(houses, cfg.dataset), houses / "r2r" / "connectivity"
     episodes, skipped = {}, {}

@@ -21,7 +21,7 @@ from cliptransfer.config import ConfigError, check_range, to_dict
 from cliptransfer.engine.config import RunConfig, TrainConfig
 from cliptransfer.engine.evaluation import peak_memory
 from cliptransfer.engine.optim import OptimConfig, OptimizerSpec
-from cliptransfer.engine.task import EvalOnlyTask, register_task
+from cliptransfer.engine.task import CompareColumns, EvalOnlyTask, register_task
 from cliptransfer.nav.env import NavEnv
 from cliptransfer.nav.metrics import evaluate_nav
 from cliptransfer.nav.tables import NavTables, load_view_table
@@ -44,6 +44,7 @@ from cliptransfer.tasks.vln.speaker import (
     instruction_tokens,
     speaker_bleu,
 )
+from cliptransfer.visual.store import FeatureStore
 
 __all__ = ["RLConfig", "VLNConfig", "VLNModel", "VLNTask"]
 
@@ -75,6 +76,9 @@ class VLNConfig(RunConfig):
     )
     rl: RLConfig = field(default_factory=RLConfig)
     backbone: str = "default"  # CLIP for the houses' view features ('default' = packaged)
+    # The houses' view features: "clip" (the backbone's image embedding, as CLIP-ViL) or
+    # "supervised" (the Shapes detector analogue's pooled features, as EnvDrop's ImageNet ResNet).
+    encoder: str = "clip"
     max_steps: int = 15  # decisions per episode (EnvDrop's maxAction)
     no_vision: bool = True  # also train the same agent on zeroed visual features (a baseline)
     # "follower" (IL + A2C), "speaker" (instructions from paths; best by val_unseen BLEU) or
@@ -97,6 +101,8 @@ class VLNConfig(RunConfig):
 
     def __post_init__(self) -> None:
         check_range("max_steps", self.max_steps, gt=0)
+        if self.encoder not in ("clip", "supervised"):
+            raise ConfigError(f"encoder: 'clip' or 'supervised', got {self.encoder!r}")
         if self.stage not in ("follower", "speaker", "bt"):
             raise ConfigError(f"stage: 'follower', 'speaker' or 'bt', got {self.stage!r}")
 
@@ -123,8 +129,25 @@ class VLNModel(nn.Module):
         return {"loss": loss, **terms}
 
 
-@register_task("vln", config=VLNConfig, launcher="tasks/vln.py",
-               configs=("configs/tasks/vln_*.yaml",))  # fmt: skip
+@register_task(
+    "vln",
+    config=VLNConfig,
+    launcher="tasks/vln.py",
+    configs=("configs/tasks/vln_*.yaml",),
+    compare=CompareColumns(
+        "success_rate",
+        None,
+        ("spl", "ndtw", "sdtw", "nav_error"),
+        "",
+        split="val_unseen",
+        features_key="encoder",
+        feature_kinds=("clip", "supervised"),
+        backbone_kind="clip",
+        references_key="baselines",
+        fractions=("success_rate", "spl", "ndtw", "sdtw"),
+        unit="rates in %, NE in m",
+    ),  # fmt: skip
+)
 class VLNTask(EvalOnlyTask):
     tracker = "vln"
 
@@ -137,11 +160,15 @@ class VLNTask(EvalOnlyTask):
     def setup(self) -> None:
         cfg, acc = self.cfg, self.run.accelerator
         self.started = time.monotonic()
-        data = load_vln_data(cfg.data, cfg.backbone, acc, need_train=not self.eval_only)
+        data = load_vln_data(
+            cfg.data, cfg.backbone, acc, need_train=not self.eval_only, encoder=cfg.encoder
+        )
         self.data = data
         self.tokenizer = self._tokenizer(data)
         self.tables = NavTables.build(data.graphs)
-        features = load_view_table(data.features, self.tables).to(acc.device)
+        features = load_view_table(data.features, self.tables).to(acc.device)  # (N, 36, D)
+        if cfg.data.feature_norm > 0:  # rescale every view vector to this L2 norm
+            features = torch.nn.functional.normalize(features, dim=-1) * cfg.data.feature_norm
         self.env = NavEnv(self.tables, features, max_steps=cfg.max_steps)
         vocab = self.tokenizer.vocab_size
         dim, angle = features.shape[-1], self.tables.view_angles.shape[-1]
@@ -371,7 +398,16 @@ class VLNTask(EvalOnlyTask):
                 "history": result.history, "steps": result.steps,
                 "train_samples_per_s": result.train_samples_per_s,
                 "data": "houses" if self.data.houses else "real",
-                "skipped": self.data.skipped}  # fmt: skip
+                "features": self._features_info(), "skipped": self.data.skipped}  # fmt: skip
+
+    def _features_info(self) -> dict[str, Any]:
+        """What the views store holds (compare's table columns), from its metadata."""
+        meta = FeatureStore.open(self.data.features).metadata
+        camera = meta.get("camera") or {}
+        return {"kind": "views", "encoder": self.cfg.encoder, "store": str(self.data.features),
+                "backbone": meta.get("backbone"), "feature": meta.get("feature"),
+                "channels": meta.get("channels"),
+                "input_size": [camera["height"], camera["width"]] if camera else None}  # fmt: skip
 
     def finish_report(self, report: dict[str, Any]) -> dict[str, Any]:
         report.update(peak_memory=peak_memory(self.run.accelerator.device),

@@ -60,6 +60,7 @@ __all__ = [
     "detect_regions",
     "load_objects",
     "make_proposals",
+    "region_model",
     "select_boxes",
 ]
 
@@ -227,6 +228,28 @@ def _box_stats(counts: list[int], found: int, objects: int) -> dict[str, Any]:
     }
 
 
+def _model_settings(world: Path, dim: int, seed: int, train: RegionTrainConfig) -> dict[str, Any]:
+    return {"version": VERSION, "world": _world_identity(world), "dim": dim, "seed": seed,
+            "train": asdict(train)}  # fmt: skip
+
+
+def region_model(
+    world: str | Path,
+    out_dir: str | Path,
+    *,
+    dim: int = 256,
+    seed: int = 0,
+    train: RegionTrainConfig | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """The detector analogue of `build_bottomup_features` alone: trained on the world's objects
+    (or reused from out_dir/model when trained with the same settings); returns out_dir/model."""
+    world, out = Path(world), Path(out_dir)
+    train = train or RegionTrainConfig()
+    _get_model(world, out, _model_settings(world, dim, seed, train), train, dim, seed, log)
+    return out / "model"
+
+
 def _get_model(
     world: Path,
     out: Path,
@@ -312,14 +335,7 @@ def build_bottomup_features(
     if dim <= 0:
         raise ValueError(f"dim must be positive, got {dim}")
     train = train or RegionTrainConfig()
-    identity = _world_identity(world)
-    model_settings = {
-        "version": VERSION,
-        "world": identity,
-        "dim": dim,
-        "seed": seed,
-        "train": asdict(train),
-    }
+    model_settings = _model_settings(world, dim, seed, train)
     conf_thresh, min_boxes, max_boxes = BOX_MODES[boxes]
     settings = {
         **model_settings,
