@@ -141,7 +141,9 @@ def prepare_feature_store(
                 raise FileNotFoundError(f"features.tsv: region file {p} not found")
         path = cache_root / f"bottomup-{_tsv_key(tsv)}"
     elif world is not None:
-        out = cache_root / f"bottomup-shapes-{cfg.boxes}"
+        from cliptransfer.worlds.shapes.bottomup import bottomup_dir, build_bottomup_features
+
+        out = bottomup_dir(cache_root, cfg.boxes)
         tsv, path = [out / f"{split}.tsv" for split in shapes_splits], out / "store"
     else:
         raise ValueError(
@@ -153,8 +155,6 @@ def prepare_feature_store(
         return store
     if accelerator is None or accelerator.is_main_process:
         if not cfg.tsv:
-            from cliptransfer.worlds.shapes.bottomup import build_bottomup_features
-
             build_bottomup_features(
                 world,
                 out,

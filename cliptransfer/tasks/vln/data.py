@@ -71,7 +71,7 @@ def houses_files(root: Path, dataset: str) -> dict[str, str]:
     return {s: str(root / "rxr" / f"rxr_{s}_guide.jsonl.gz") for s in SPLITS}
 
 
-def view_encoder(encoder: str, backbone: str, log=None):
+def view_encoder(encoder: str, backbone: str):
     """The houses' view encoder: the CLIP `backbone`, or ("supervised") the detector analogue
     trained on the default Shapes world (prepared and trained once, cached)."""
     from cliptransfer.nav.extract_views import ClipViewEncoder, RegionViewEncoder
@@ -79,12 +79,11 @@ def view_encoder(encoder: str, backbone: str, log=None):
     if encoder == "clip":
         return ClipViewEncoder(backbone)
     from cliptransfer.worlds.shapes import default_world_dir, prepare_shapes
-    from cliptransfer.worlds.shapes.bottomup import region_model
+    from cliptransfer.worlds.shapes.bottomup import bottomup_dir, region_model
 
     world = prepare_shapes(default_world_dir("small", 0), size="small", seed=0)
-    # The folder VQA's bottomup features use on that world, so the two share one detector.
-    return RegionViewEncoder(region_model(world, world / "features" / "bottomup-shapes-adaptive",
-                                          log=log))  # fmt: skip
+    # VQA's default feature cache on that world (<world>/features): one shared detector.
+    return RegionViewEncoder(region_model(world, bottomup_dir(world / "features")))
 
 
 def views_store_name(encoder_meta: dict, camera: str) -> str:

@@ -55,6 +55,7 @@ __all__ = [
     "BOX_MODES",
     "ObjectsFormatError",
     "SPLIT_IMAGES",
+    "bottomup_dir",
     "box_features",
     "build_bottomup_features",
     "detect_regions",
@@ -231,6 +232,13 @@ def _box_stats(counts: list[int], found: int, objects: int) -> dict[str, Any]:
 def _model_settings(world: Path, dim: int, seed: int, train: RegionTrainConfig) -> dict[str, Any]:
     return {"version": VERSION, "world": _world_identity(world), "dim": dim, "seed": seed,
             "train": asdict(train)}  # fmt: skip
+
+
+def bottomup_dir(cache_root: str | Path, boxes: str = "adaptive") -> Path:
+    """The folder of a Shapes world's BottomUp features (TSVs, store, detector) under a feature
+    cache root: one name for VQA / SNLI-VE's regions and VLN's supervised encoder, so they share
+    one detector."""
+    return Path(cache_root) / f"bottomup-shapes-{boxes}"
 
 
 def region_model(
