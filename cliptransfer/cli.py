@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         "houses", help="write the Shapes houses: navigation in the Matterport / R2R / RxR formats"
     )
     houses.add_argument("--out", required=True, help="output folder")
-    houses.add_argument("--size", default="small", help="tiny | small")
+    houses.add_argument("--size", default="small", help="tiny | small | medium")
     houses.add_argument("--seed", type=int, default=0)
     houses.add_argument("--workers", type=int, default=None, help="skybox rendering processes")
     houses.add_argument("--overwrite", action="store_true", help="regenerate even if present")

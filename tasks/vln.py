@@ -2,19 +2,20 @@
 view features, in a simulator-free environment exact to MatterSim's graph and EnvDrop's
 candidates, through Accelerate.
 
-With no arguments: the Shapes houses (generated, their 36 views rendered and encoded by the
-packaged CLIP, and a SentencePiece tokenizer trained, all once and cached), the follower and its
-no-vision twin trained on the same batches; the report prints NE / SR / SPL / nDTW / SDTW on
-val_seen and val_unseen next to the random and forward-only walkers and the no-vision agent.
+With no arguments: the `medium` Shapes houses (generated, their 36 views rendered and encoded by
+the packaged CLIP, and a SentencePiece tokenizer trained, all once and cached), the follower and
+its no-vision twin trained by imitation on the same batches (A2C: --set rl.feedback=sample); the
+report prints NE / SR / SPL / nDTW / SDTW on val_seen and val_unseen next to the random and
+forward-only walkers and the no-vision agent.
 
     accelerate launch tasks/vln.py
     python tasks/vln.py                                            # the same, one process
     accelerate launch --multi_gpu --num_processes 2 tasks/vln.py --cpu --set train.num_threads=1
-    accelerate launch tasks/vln.py --set rl.feedback=teacher       # imitation only
+    accelerate launch tasks/vln.py --set rl.feedback=sample        # imitation + A2C (EnvDrop)
     accelerate launch tasks/vln.py --set stage=speaker --set train.out_dir=runs/vln-speaker
     accelerate launch tasks/vln.py --set stage=bt --set bt.speaker=runs/vln-speaker/best \
         --set no_vision=false                                      # back-translation + envdrop
-    accelerate launch tasks/vln.py --set data.dataset=rxr --set rl.ml_weight=0.4
+    accelerate launch tasks/vln.py --config configs/tasks/vln_rxr.yaml           # 4 languages
     accelerate launch tasks/vln.py --config configs/tasks/vln_r2r_envdrop.yaml \\
         --set data.train=/data/R2R/R2R_train.json --set data.val_seen=/data/R2R/R2R_val_seen.json \\
         --set data.val_unseen=/data/R2R/R2R_val_unseen.json \\
@@ -38,7 +39,10 @@ def main(argv: list[str] | None = None) -> dict:
     run = start_run(VLNTask, argv, __doc__)  # flags, config, Accelerate, seed, CPU threads
     task = VLNTask(run.cfg, run)
     task.setup()  # episodes, graphs, view features, tokenizer, env, agents, baselines
-    report = task.report(fit(run, task))  # epochs; best val_unseen SR (R2R) / nDTW (RxR) kept
+    if task.eval_only:  # --eval-only runs/vln/best: score a saved agent, no training
+        report = task.evaluate_only()
+    else:
+        report = task.report(fit(run, task))  # epochs; best val_unseen SR (R2R) / nDTW (RxR) kept
     return run.finish(task.finish_report(report), show=task.print_report)
 
 

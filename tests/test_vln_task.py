@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import runpy
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +23,8 @@ from cliptransfer.worlds.houses import prepare_houses
 SMALL = ["--set", "agent.hidden=32", "--set", "agent.word_embed=16", "--set",
          "agent.angle_embed=8", "--set", "max_steps=8", "--set", "train.batch_size=16",
          "--set", "train.num_threads=1", "--set", "data.camera=64x48",
-         "--set", "data.vocab_size=120", "--set", "data.houses.size=tiny"]  # fmt: skip
+         "--set", "data.vocab_size=120", "--set", "data.houses.size=tiny",
+         "--set", "rl.feedback=sample"]  # fmt: skip
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -123,6 +126,12 @@ def test_task_end_to_end_metrics_results_and_eval_only(houses, tmp_path, capsys)
     again = run_task(VLNTask, ["--eval-only", str(out / "best"), "--set",
                                f"train.out_dir={tmp_path / 'eval'}"])  # fmt: skip
     assert again["val_unseen"] == pytest.approx(best)
+    # The launcher itself honours --eval-only (it used to train instead).
+    launcher = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tasks" / "vln.py"))
+    scripted = launcher["main"](["--eval-only", str(out / "best"), "--set",
+                                 f"train.out_dir={tmp_path / 'eval3'}"])  # fmt: skip
+    assert scripted["val_unseen"] == pytest.approx(best)
+    assert not (tmp_path / "eval3" / "checkpoints").exists()
     # The same checkpoint evaluated by 2 processes (each a shard, gathered): identical numbers.
     from accelerate import debug_launcher
 
@@ -250,3 +259,15 @@ def test_back_translation_stage_runs_and_resumes(houses, tmp_path):
     resumed = run_task(VLNTask, [*bt, "--set", f"train.out_dir={tmp_path / 'b'}",
                                  "--resume", "latest"])  # fmt: skip
     assert resumed["history"][-1]["train_loss"] == full["history"][-1]["train_loss"]
+
+
+def test_instruction_tokenizer_keeps_house_words_whole(houses, tmp_path):
+    # Unigram with a soft vocabulary limit collapsed this small corpus to near-characters
+    # ("gr" "ay", "a" "nd"); the BPE tokenizer keeps each of its words one piece.
+    from cliptransfer.tasks.vln.data import train_tokenizer
+
+    texts = [e.instruction for e in load_r2r(houses / "r2r" / "R2R_train.json")]
+    tok = train_tokenizer(texts, tmp_path / "tok", 1000)
+    words = "walk past the gray star and turn left then stop in the kitchen".split()
+    assert len(tok.tokenize_words(" ".join(words))) == len(words)
+    assert (tmp_path / "tok" / "tokenizer_config.json").is_file()

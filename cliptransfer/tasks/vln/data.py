@@ -32,10 +32,11 @@ class VLNDataConfig:
     skip_missing: bool = False  # count and drop bad episodes instead of failing
     max_eval: int = 0  # evaluate at most this many episodes per split (0 = all)
     # The Shapes houses: size, seed and optionally root (default: the cache folder).
-    houses: dict = field(default_factory=lambda: {"size": "small", "seed": 0})
+    houses: dict = field(default_factory=lambda: {"size": "medium", "seed": 0})
     camera: str = "128x96"  # views rendered for the houses' features (WIDTHxHEIGHT)
     # > 0: every view feature rescaled to this L2 norm at load (the store keeps the raw
-    # embeddings). The packaged CLIP's view embeddings have norm ~156, EnvDrop's pool5 ~20.
+    # embeddings). The packaged CLIP's view embeddings have norm ~156, EnvDrop's pool5 ~20;
+    # the houses default (VLNConfig) is 20, the real-data configs keep raw features (0).
     feature_norm: float = 0.0
 
     def __post_init__(self) -> None:
@@ -115,7 +116,7 @@ def load_vln_data(
         from cliptransfer.nav.extract_views import extract_views
         from cliptransfer.worlds.houses import default_houses_dir, prepare_houses
 
-        size, seed = cfg.houses.get("size", "small"), int(cfg.houses.get("seed", 0))
+        size, seed = cfg.houses.get("size", "medium"), int(cfg.houses.get("seed", 0))
         houses = (
             Path(cfg.houses["root"]) if cfg.houses.get("root") else default_houses_dir(size, seed)
         )
@@ -143,8 +144,11 @@ def load_vln_data(
 
 
 def train_tokenizer(texts: list[str], out: Path, vocab_size: int):
-    """A SentencePiece tokenizer of the training instructions (all languages), written to `out`
-    (deterministic: the same text gives the same model)."""
+    """A SentencePiece BPE tokenizer of the training instructions (all languages), written to
+    `out` (deterministic: the same text gives the same model). BPE, not unigram: on a small,
+    repetitive corpus (the houses' ~75 English words) unigram with a soft vocabulary limit
+    collapses to ~110 near-character pieces ("gr" "ay", "a" "nd"; 59 pieces per instruction),
+    while BPE keeps every word whole (33), as EnvDrop's word vocabulary does."""
     from cliptransfer.tokenization.spiece import train_sentencepiece
 
     out.mkdir(parents=True, exist_ok=True)
@@ -157,4 +161,5 @@ def train_tokenizer(texts: list[str], out: Path, vocab_size: int):
     chars = len({ch for t in texts for ch in t if not ch.isspace()})
     with warnings.catch_warnings():  # a small corpus clamps the vocabulary: expected here
         warnings.simplefilter("ignore", UserWarning)
-        return train_sentencepiece(corpus, max(vocab_size, chars + 4), out, character_coverage=1.0)
+        return train_sentencepiece(corpus, max(vocab_size, chars + 4), out, model_type="bpe",
+                                  character_coverage=1.0)  # fmt: skip
