@@ -4,14 +4,14 @@ candidates, through Accelerate.
 
 With no arguments: the `medium` Shapes houses (generated, their 36 views rendered and encoded by
 the packaged CLIP, and a SentencePiece tokenizer trained, all once and cached), the follower and
-its no-vision twin trained by imitation on the same batches (A2C: --set rl.feedback=sample); the
-report prints NE / SR / SPL / nDTW / SDTW on val_seen and val_unseen next to the random and
+its no-vision twin trained by imitation + A2C (mlWeight 1.0) on the same batches; the report
+prints NE / SR / SPL / nDTW / SDTW on val_seen and val_unseen next to the random and
 forward-only walkers and the no-vision agent.
 
     accelerate launch tasks/vln.py
     python tasks/vln.py                                            # the same, one process
     accelerate launch --multi_gpu --num_processes 2 tasks/vln.py --cpu --set train.num_threads=1
-    accelerate launch tasks/vln.py --set rl.feedback=sample        # imitation + A2C (EnvDrop)
+    accelerate launch tasks/vln.py --set rl.feedback=teacher       # imitation only
     accelerate launch tasks/vln.py --set stage=speaker --set train.out_dir=runs/vln-speaker
     accelerate launch tasks/vln.py --set stage=bt --set bt.speaker=runs/vln-speaker/best \
         --set no_vision=false                                      # back-translation + envdrop
