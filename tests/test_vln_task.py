@@ -23,8 +23,7 @@ from cliptransfer.worlds.houses import prepare_houses
 SMALL = ["--set", "agent.hidden=32", "--set", "agent.word_embed=16", "--set",
          "agent.angle_embed=8", "--set", "max_steps=8", "--set", "train.batch_size=16",
          "--set", "train.num_threads=1", "--set", "data.camera=64x48",
-         "--set", "data.vocab_size=120", "--set", "data.houses.size=tiny",
-         "--set", "rl.feedback=sample"]  # fmt: skip
+         "--set", "data.vocab_size=120", "--set", "data.houses.size=tiny"]  # fmt: skip
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,6 +16,11 @@ __all__ = ["VLNData", "VLNDataConfig", "load_vln_data"]
 SPLITS = ("train", "val_seen", "val_unseen")
 
 
+# The houses preset the default run uses (`medium`: 40 training houses; on `small`'s 10 the
+# follower memorised them instead of grounding the instructions).
+DEFAULT_HOUSES = {"size": "medium", "seed": 0}
+
+
 @dataclass
 class VLNDataConfig:
     dataset: str = "r2r"  # r2r | rxr: the file format and the metric that picks the best epoch
@@ -32,7 +37,7 @@ class VLNDataConfig:
     skip_missing: bool = False  # count and drop bad episodes instead of failing
     max_eval: int = 0  # evaluate at most this many episodes per split (0 = all)
     # The Shapes houses: size, seed and optionally root (default: the cache folder).
-    houses: dict = field(default_factory=lambda: {"size": "medium", "seed": 0})
+    houses: dict = field(default_factory=lambda: dict(DEFAULT_HOUSES))
     camera: str = "128x96"  # views rendered for the houses' features (WIDTHxHEIGHT)
     # > 0: every view feature rescaled to this L2 norm at load (the store keeps the raw
     # embeddings). The packaged CLIP's view embeddings have norm ~156, EnvDrop's pool5 ~20;
@@ -116,10 +121,9 @@ def load_vln_data(
         from cliptransfer.nav.extract_views import extract_views
         from cliptransfer.worlds.houses import default_houses_dir, prepare_houses
 
-        size, seed = cfg.houses.get("size", "medium"), int(cfg.houses.get("seed", 0))
-        houses = (
-            Path(cfg.houses["root"]) if cfg.houses.get("root") else default_houses_dir(size, seed)
-        )
+        spec = {**DEFAULT_HOUSES, **cfg.houses}  # a config may give only some of the keys
+        size, seed = spec["size"], int(spec["seed"])
+        houses = Path(spec["root"]) if spec.get("root") else default_houses_dir(size, seed)
         width, height = (int(v) for v in cfg.camera.lower().split("x"))
         with accelerator.main_process_first():  # the main process trains/caches, others reuse
             views = view_encoder(encoder, backbone)
