@@ -3,6 +3,7 @@
     python bench/vln_train.py                   # 1 thread, 5 timed iterations (~1-2 min)
     python bench/vln_train.py --threads 2 --iters 8
     python bench/vln_train.py --precision bf16           # CPU autocast (AVX512-BF16 / AMX)
+    python bench/vln_train.py --feature-dtype float16    # the view table kept half (data.feature_dtype)
 
 Setting (the issue's, so the figures compare with R2R-EnvDrop's own train.py + MatterSim): the
 real R2R val_seen episodes as the training split, random 36 x 512 features for every viewpoint
@@ -32,7 +33,7 @@ from machine import cpu_features, load_average
 
 from cliptransfer.nav import NavEnv, NavTables, load_graphs, load_r2r
 from cliptransfer.tasks.vln.agent import Follower, FollowerConfig
-from cliptransfer.tasks.vln.data import train_tokenizer
+from cliptransfer.tasks.vln.data import FEATURE_DTYPES, train_tokenizer
 from cliptransfer.tasks.vln.rollout import encode_instructions, rollout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,6 +51,8 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=35)
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                     help="bf16: CPU autocast (what train.precision=bf16 runs)")  # fmt: skip
+    ap.add_argument("--feature-dtype", choices=sorted(FEATURE_DTYPES), default="float32",
+                    help="the in-memory view table (tasks/vln.py's data.feature_dtype)")  # fmt: skip
     args = ap.parse_args()
     if not (args.r2r / "connectivity").is_dir():
         sys.exit(f"no R2R data under {args.r2r}: pass --r2r DIR (../shared/data/r2r)")
@@ -62,16 +65,17 @@ def main() -> None:
     scans = sorted(
         {e.scan for e in train} | {e.scan for e in load_r2r(args.r2r / "R2R_val_unseen.json")}
     )
-    graphs = load_graphs(args.r2r / "connectivity", scans)
-    tables = NavTables.build(graphs)
-    features = torch.randn(len(tables), 36, args.dim)
+    # Training needs only the tables: the graphs' all-pairs caches (~170 MB of dicts) go.
+    tables = NavTables.build(load_graphs(args.r2r / "connectivity", scans))
+    features = torch.randn(len(tables), 36, args.dim).to(FEATURE_DTYPES[args.feature_dtype])
     env = NavEnv(tables, features, max_steps=args.max_steps)
     with tempfile.TemporaryDirectory() as tmp:
         tok = train_tokenizer([e.instruction for e in train], Path(tmp) / "tok", 1000)
     agent = Follower(FollowerConfig(), tok.vocab_size, args.dim, tables.view_angles.shape[-1])
     opt = torch.optim.RMSprop(agent.parameters(), lr=1e-4)
     print(f"{len(scans)} scans, {len(tables)} viewpoints, {len(train)} training instructions, "
-          f"batch {args.batch}, D={args.dim}, max {args.max_steps} actions, {args.precision}; follower "
+          f"batch {args.batch}, D={args.dim}, max {args.max_steps} actions, {args.precision}, "
+          f"{args.feature_dtype} view table; follower "
           f"{sum(p.numel() for p in agent.parameters()):,} parameters\n")  # fmt: skip
 
     gen = torch.Generator().manual_seed(0)

@@ -5,14 +5,21 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from cliptransfer.cli import main
 from cliptransfer.contrastive.pairs import load_pairs
-from cliptransfer.worlds.clip_corpus import build_clip_corpus, region_caption, region_crop_box
+from cliptransfer.worlds.clip_corpus import (
+    CROP_PX,
+    build_clip_corpus,
+    region_caption,
+    region_crop_box,
+)
 
 
 def test_region_crop_box_by_hand():
@@ -72,16 +79,37 @@ def test_corpus_holds_scenes_regions_and_repeated_house_views(tiny_world: Path, 
     }  # fmt: skip
     train = load_pairs(out / "train.jsonl")  # images resolve relative to the corpus folder
     assert all(Path(r.image).is_file() for r in train)
-    # The first object's crop is its hand-checkable box, cut from the scene's pixels.
+    # The first object's crop is its box's window rendered sharp at CROP_PX: its pixels match the
+    # JPEG's cut of the same window upscaled (the same scene), to JPEG/resampling error.
     first = objects[0]
     box = region_crop_box(first["objects"][0]["bbox"], first["width"], first["height"])
     with Image.open(out / "images" / "regions" / f"{first['image_id']}_0.jpg") as crop:
-        assert crop.size == (box[2] - box[0], box[3] - box[1])
+        assert crop.size == (CROP_PX, CROP_PX)
+        sharp = np.asarray(crop.convert("RGB"), dtype=np.float32)
+    with Image.open(tiny_world / "images" / "train2014" / first["file_name"]) as scene:
+        cut = scene.convert("RGB").crop(box).resize((CROP_PX, CROP_PX), Image.BILINEAR)
+    cut_arr = np.asarray(cut, dtype=np.float32)
+    assert np.abs(sharp - cut_arr).mean() < 12  # same content...
+    assert (
+        np.abs(np.diff(sharp, axis=1)).mean() > np.abs(np.diff(cut_arr, axis=1)).mean()
+    )  # sharper
     assert [r.caption for r in train].count("the bedroom with a red star ahead") == 3
     # Reused when complete; a different request in the same folder is refused.
     assert build_clip_corpus(tiny_world, houses, out, house_repeats=3) == out
     with pytest.raises(FileExistsError, match="different clip corpus"):
         build_clip_corpus(tiny_world, houses, out, house_repeats=1)
+
+
+def test_corpus_refuses_objects_that_are_not_the_generators(tiny_world: Path, tmp_path: Path):
+    world = tmp_path / "world"
+    shutil.copytree(tiny_world, world)
+    objects_file = world / "objects" / "train2014.json"
+    data = json.loads(objects_file.read_text())
+    data["images"][1]["objects"][0]["bbox"][0] += 1.0
+    objects_file.write_text(json.dumps(data))
+    image_id = data["images"][1]["image_id"]
+    with pytest.raises(ValueError, match=f"train2014.json: image {image_id}: its objects differ"):
+        build_clip_corpus(world, None, tmp_path / "corpus")
 
 
 def test_corpus_cli_and_missing_inputs(tiny_world: Path, tmp_path: Path, capsys):

@@ -176,6 +176,16 @@ def test_pretrain_overrides_out_of_range(override: str, message: str) -> None:
     assert _message(load_config, PretrainConfig, None, [override]) == f"--set {override}: {message}"
 
 
+def test_vln_feature_dtype_is_checked() -> None:
+    from cliptransfer.tasks.vln.task import VLNConfig
+
+    override = "data.feature_dtype=half"
+    assert _message(load_config, VLNConfig, None, [override]) == (
+        f"--set {override}: data.feature_dtype: one of ['bfloat16', 'float16', 'float32'], "
+        "got 'half'"
+    )
+
+
 def test_valid_edges_still_load() -> None:
     cfg = load_config(
         PretrainConfig,

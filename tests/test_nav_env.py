@@ -150,6 +150,15 @@ def test_load_view_table(house, tmp_path):
     assert table.shape == (5, 36, 4)
     assert table[tables.index[("h", "c")]].unique().tolist() == [2.0]
     assert not table[tables.index[("h", "e")]].any()
+    # Rows rescaled to an L2 norm (each row is (c, c, c, c): norm 2c -> every entry 10 / 2),
+    # stored half; an environment over a half table observes float32.
+    half = load_view_table(tmp_path / "store", tables, missing="zeros", norm=10.0,
+                           dtype=torch.float16)  # fmt: skip
+    assert half.dtype == torch.float16
+    assert half[tables.index[("h", "c")]].unique().tolist() == [5.0]
+    assert not half[tables.index[("h", "e")]].any()  # zeros stay zero (no 0 / 0)
+    ob = NavEnv(tables, half).reset([_episode("abc")])
+    assert ob.views.dtype == ob.cand_views.dtype == torch.float32
 
 
 # --- real Matterport graphs ---------------------------------------------------------------

@@ -15,7 +15,7 @@ from cliptransfer.cli import main as cli
 from cliptransfer.engine import run_task
 from cliptransfer.fileio import read_json
 from cliptransfer.nav import NavEnv, NavTables, load_graphs, load_r2r
-from cliptransfer.tasks.vln.agent import Follower, FollowerConfig
+from cliptransfer.tasks.vln.agent import Follower, FollowerConfig, SoftDotAttention, _pad_packed
 from cliptransfer.tasks.vln.rollout import forward_walk, rollout
 from cliptransfer.tasks.vln.task import VLNTask
 from cliptransfer.worlds.houses import prepare_houses
@@ -68,6 +68,33 @@ def test_follower_step_puts_stop_after_the_candidates(world):
         n = int(ob.cand_count[i])
         assert logits[i, n] == 0.0  # STOP: the zero candidate
         assert torch.isfinite(logits[i, :n]).all() and torch.isinf(logits[i, n + 1 :]).all()
+
+
+def test_encoder_padding_and_attention_equal_torchs_reference():
+    # The encoder's one-gather padding and the multiply-sum attention are speed rewrites of
+    # pad_packed_sequence and EnvDrop's bmm form: same values, same gradients.
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([3, 7, 1, 5])
+    data = torch.randn(4, 9, 6, generator=gen)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(data, lengths, batch_first=True,
+                                                     enforce_sorted=False)  # fmt: skip
+    leaf = packed.data.clone().requires_grad_()
+    mine = _pad_packed(packed._replace(data=leaf), lengths, 9)
+    ref, _ = torch.nn.utils.rnn.pad_packed_sequence(packed._replace(data=leaf), batch_first=True,
+                                                    total_length=9)  # fmt: skip
+    assert torch.equal(mine, ref) and (mine[0, 3:] == 0).all()
+    weight = torch.randn(4, 9, 6, generator=gen)
+    (g_mine,) = torch.autograd.grad((mine * weight).sum(), leaf)
+    (g_ref,) = torch.autograd.grad((ref * weight).sum(), leaf)
+    assert torch.equal(g_mine, g_ref)
+    att = SoftDotAttention(5, 6)
+    h, ctx = torch.randn(4, 5, generator=gen), torch.randn(4, 9, 6, generator=gen)
+    mask = torch.arange(9)[None] < lengths[:, None]
+    out, weights = att(h, ctx, mask)
+    logit = (ctx @ att.linear_in(h).unsqueeze(2)).squeeze(2).masked_fill(~mask, float("-inf"))
+    ref_w = torch.softmax(logit, 1)
+    torch.testing.assert_close(weights, ref_w)
+    torch.testing.assert_close(out, (ref_w.unsqueeze(1) @ ctx).squeeze(1))
 
 
 def test_teacher_rollout_reaches_every_goal_and_a2c_trains_the_critic(world):

@@ -71,8 +71,9 @@ class NavObservation:
 class NavEnv:
     """Batched episodes over `tables` with view features `features` (N, 36, D) indexed by global
     viewpoint id (`load_view_table`), on any device: the feature tensors of an observation are
-    gathered there, the rest stays on the CPU. Use `reset(episodes)`, then `step(actions)` until
-    `done`."""
+    gathered there, the rest stays on the CPU. The table may be kept in float16/bfloat16 to halve
+    its memory; observations are float32 either way. Use `reset(episodes)`, then `step(actions)`
+    until `done`."""
 
     def __init__(
         self,
@@ -157,11 +158,11 @@ class NavEnv:
         dev = self.features.device
         vp_t = torch.from_numpy(vp)
         flat = torch.from_numpy(vp[:, None] * NUM_VIEWS + point).view(-1).to(dev)
-        cand_views = self._flat.index_select(0, flat).view(len(vp), k, -1)
+        cand_views = self._flat.index_select(0, flat).view(len(vp), k, -1).float()
         return NavObservation(
             viewpoint=vp_t,
             view_index=torch.from_numpy(self.view.copy()),
-            views=self.features.index_select(0, vp_t.to(dev)),
+            views=self.features.index_select(0, vp_t.to(dev)).float(),
             view_angles=self._view_angles[torch.from_numpy(self.view % HEADING_COUNT)],
             cand_views=cand_views,
             cand_angles=torch.from_numpy(cand_angles),

@@ -178,10 +178,12 @@ def load_view_table(
     *,
     dtype: torch.dtype = torch.float32,
     missing: str = "error",
+    norm: float = 0.0,
 ) -> torch.Tensor:
     """(N, 36, D) view features of every viewpoint of `tables` from a "views" store keyed
-    "{scan}_{viewpoint}". `missing="zeros"` fills absent viewpoints with zeros (counted in the
-    error otherwise); the default raises naming the first absent key and the store."""
+    "{scan}_{viewpoint}", in `dtype`; `norm` > 0 rescales each view vector to that L2 norm
+    (in float32, before the cast). `missing="zeros"` fills absent viewpoints with zeros (counted
+    in the error otherwise); the default raises naming the first absent key and the store."""
     if missing not in ("error", "zeros"):
         raise ValueError(f"missing={missing!r}: use 'error' or 'zeros'")
     store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
@@ -201,5 +203,8 @@ def load_view_table(
     for i, (scan, vp) in enumerate(tables.keys):
         key = f"{scan}_{vp}"
         if key in store:
-            out[i] = store[key]["features"].to(dtype)
+            row = store[key]["features"].float()
+            if norm > 0:
+                row = torch.nn.functional.normalize(row, dim=-1) * norm
+            out[i] = row.to(dtype)
     return out

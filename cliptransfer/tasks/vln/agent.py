@@ -49,14 +49,31 @@ class SoftDotAttention(nn.Module):
         self.linear_in = nn.Linear(query_dim, ctx_dim, bias=False)
 
     def logits(self, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return (context @ self.linear_in(h).unsqueeze(2)).squeeze(2)  # (B, L)
+        # Multiply-and-sum rather than a (B, L, C) @ (B, C, 1) bmm: that bmm's backward is a K=1
+        # outer product, which CPU BLAS ran ~5x slower than this (bench/vln_train.py).
+        return (context * self.linear_in(h).unsqueeze(1)).sum(-1)  # (B, L)
 
     def forward(self, h: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None):
         logit = self.logits(h, context)
         if mask is not None:
             logit = logit.masked_fill(~mask, float("-inf"))
         attn = torch.softmax(logit, dim=1)
-        return (attn.unsqueeze(1) @ context).squeeze(1), attn  # (B, C), (B, L)
+        return (attn.unsqueeze(2) * context).sum(1), attn  # (B, C), (B, L)
+
+
+def _pad_packed(packed: nn.utils.rnn.PackedSequence, lengths: torch.Tensor, total: int):
+    """`pad_packed_sequence(packed, batch_first=True, total_length=total)[0]` as one gather.
+    torch's version writes one time step at a time, so its backward copies the whole (T, B, H)
+    gradient once per step (a third of the encoder's backward time at 80 tokens)."""
+    sizes = packed.batch_sizes.to(lengths.device)
+    offsets = torch.cumsum(sizes, 0) - sizes  # (T,) first packed row of each time step
+    steps = torch.arange(total, device=lengths.device)
+    valid = steps[None] < lengths[:, None]  # (B, L)
+    rows = offsets[steps.clamp(max=len(sizes) - 1)][None] + packed.unsorted_indices[:, None]
+    zero_row = packed.data.shape[0]
+    rows = torch.where(valid, rows, zero_row)  # padding reads an appended zero row
+    data = nn.functional.pad(packed.data, (0, 0, 0, 1))
+    return data.index_select(0, rows.reshape(-1)).view(len(lengths), total, -1)
 
 
 class Follower(nn.Module):
@@ -87,9 +104,7 @@ class Follower(nn.Module):
             emb, lengths.cpu(), batch_first=True, enforce_sorted=False
         )
         out, (h_n, c_n) = self.encoder(packed)
-        ctx, _ = nn.utils.rnn.pad_packed_sequence(
-            out, batch_first=True, total_length=tokens.shape[1]
-        )
+        ctx = _pad_packed(out, lengths, tokens.shape[1])  # (B, L, H)
         h_t = torch.cat([h_n[-1], h_n[-2]], -1)  # EnvDrop: the last layer's backward, forward
         c_t = torch.cat([c_n[-1], c_n[-2]], -1)
         decoder_init = torch.tanh(self.encoder2decoder(h_t))
@@ -104,8 +119,9 @@ class Follower(nn.Module):
         elif self.training and self.cfg.feat_dropout > 0:
             # nn.Dropout's distribution (keep with 1 - p, scale 1 / (1 - p)) from a uniform draw:
             # on the CPU its Bernoulli sampler takes ~3x longer for these (B, 36, D) tensors.
-            keep = torch.rand_like(features) >= self.cfg.feat_dropout
-            features = features * keep / (1.0 - self.cfg.feat_dropout)
+            # masked_fill keeps a bool mask for backward, a quarter of a float one's memory.
+            drop = torch.rand_like(features) < self.cfg.feat_dropout
+            features = features.masked_fill(drop, 0.0) * (1.0 / (1.0 - self.cfg.feat_dropout))
         return torch.cat([features, angles], -1)
 
     def step(self, ob, prev_angle: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor],

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from cliptransfer.config import ConfigError, check_range
 from cliptransfer.nav.episodes import Episode, check_episodes, load_r2r, load_rxr
 from cliptransfer.nav.graph import NavGraph, load_graphs
@@ -19,6 +21,9 @@ SPLITS = ("train", "val_seen", "val_unseen")
 # The houses preset the default run uses (`medium`: 40 training houses; on `small`'s 10 the
 # follower memorised them instead of grounding the instructions).
 DEFAULT_HOUSES = {"size": "medium", "seed": 0}
+
+
+FEATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -43,10 +48,16 @@ class VLNDataConfig:
     # embeddings). The packaged CLIP's view embeddings have norm ~156, EnvDrop's pool5 ~20;
     # the houses default (VLNConfig) is 20, the real-data configs keep raw features (0).
     feature_norm: float = 0.0
+    # The in-memory view table's dtype: float16 halves it (real R2R at 2048-d: 3.1 -> 1.6 GB);
+    # observations are float32 either way.
+    feature_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.dataset not in ("r2r", "rxr"):
             raise ConfigError(f"dataset: 'r2r' or 'rxr', got {self.dataset!r}")
+        if self.feature_dtype not in FEATURE_DTYPES:
+            raise ConfigError(f"feature_dtype: one of {sorted(FEATURE_DTYPES)}, got "
+                              f"{self.feature_dtype!r}")  # fmt: skip
         check_range("vocab_size", self.vocab_size, gt=0)
         check_range("max_eval", self.max_eval, ge=0)
         check_range("feature_norm", self.feature_norm, ge=0)

@@ -29,7 +29,12 @@ from cliptransfer.tasks.vl_model import save_model_dir
 from cliptransfer.tasks.vln import evaluate as _evaluate  # noqa: F401 - cliptransfer evaluate r2r|rxr
 from cliptransfer.tasks.vln.agent import Follower, FollowerConfig
 from cliptransfer.tasks.vln.backtranslate import BTConfig, BTModel, load_speaker, sample_aug_paths
-from cliptransfer.tasks.vln.data import VLNDataConfig, load_vln_data, train_tokenizer
+from cliptransfer.tasks.vln.data import (
+    FEATURE_DTYPES,
+    VLNDataConfig,
+    load_vln_data,
+    train_tokenizer,
+)
 from cliptransfer.tasks.vln.report import EVAL_SPLITS, report_text
 from cliptransfer.tasks.vln.rollout import (
     encode_instructions,
@@ -171,9 +176,13 @@ class VLNTask(EvalOnlyTask):
         self.data = data
         self.tokenizer = self._tokenizer(data)
         self.tables = NavTables.build(data.graphs)
-        features = load_view_table(data.features, self.tables).to(acc.device)  # (N, 36, D)
-        if cfg.data.feature_norm > 0:  # rescale every view vector to this L2 norm
-            features = torch.nn.functional.normalize(features, dim=-1) * cfg.data.feature_norm
+        features = load_view_table(
+            data.features,
+            self.tables,
+            norm=cfg.data.feature_norm,
+            dtype=FEATURE_DTYPES[cfg.data.feature_dtype],
+        )  # (N, 36, D)
+        features = features.to(acc.device)
         self.env = NavEnv(self.tables, features, max_steps=cfg.max_steps)
         vocab = self.tokenizer.vocab_size
         dim, angle = features.shape[-1], self.tables.view_angles.shape[-1]

@@ -70,7 +70,7 @@ def _rng(seed: int, stream: str, idx: int, purpose: str) -> random.Random:
     return random.Random(f"shapes-v{GENERATOR_VERSION}/{seed}/{stream}/{idx}/{purpose}")
 
 
-def _objects(scene: Scene) -> list[dict]:
+def object_records(scene: Scene) -> list[dict]:
     """BottomUp-style object records: clipped pixel boxes, shape label, attributes."""
     out = []
     for o in scene.objects:
@@ -92,14 +92,20 @@ def _image_record(image_id: int | str, file_name: str, scene: Scene) -> dict:
         "file_name": file_name,
         "width": scene.width,
         "height": scene.height,
-        "objects": _objects(scene),
+        "objects": object_records(scene),
     }
+
+
+def coco_scene(seed: int, split: str, idx: int) -> Scene:
+    """The scene model behind COCO-style image `COCO_ID_BASE[split] + idx` of a world: lets
+    derived data (sharp object crops) be rendered anew instead of cut from the JPEG."""
+    return sample_scene(_rng(seed, f"coco-{split}", idx, "scene"), WIDTH, HEIGHT)
 
 
 def _coco_item(root: Path, seed: int, split: str, idx: int) -> dict:
     image_id = COCO_ID_BASE[split] + idx
     stream = f"coco-{split}"
-    scene = sample_scene(_rng(seed, stream, idx, "scene"), WIDTH, HEIGHT)
+    scene = coco_scene(seed, split, idx)
     file_name = f"COCO_{split}2014_{image_id:012d}.jpg"
     save_jpeg(render(scene), root / "images" / f"{split}2014" / file_name)
     captions = make_captions(scene, _rng(seed, stream, idx, "captions"), CAPTIONS_PER_IMAGE)
