@@ -4,6 +4,7 @@
     cliptransfer prepare houses --out houses [--size small] [--seed 0]
     cliptransfer prepare bottomup --world world --out world/bottomup [--boxes fixed36]
     cliptransfer prepare clip-corpus --shapes world --houses houses --out corpus
+    cliptransfer prepare vlp-corpus --shapes world --out vlp-corpus
     cliptransfer tokenizer train --input world/captions.txt --vocab-size 1000 --out tok/
     cliptransfer extract grid --backbone CKPT --images DIR --size 600x1000 --out STORE
     cliptransfer extract import-regions trainval_36.tsv --out STORE
@@ -85,6 +86,17 @@ def _prepare_clip_corpus(args: argparse.Namespace) -> int:
 
     out = build_clip_corpus(args.shapes, args.houses, args.out, seed=args.seed,
                             house_repeats=args.house_repeats, overwrite=args.overwrite)  # fmt: skip
+    counts = read_json(out / "manifest.json")["counts"]
+    print(f"wrote {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0
+
+
+def _prepare_vlp_corpus(args: argparse.Namespace) -> int:
+    from cliptransfer.fileio import read_json
+    from cliptransfer.vlp.corpus import build_shapes_vlp_corpus
+
+    out = build_shapes_vlp_corpus(args.shapes, args.out, heldout_fraction=args.heldout,
+                                  seed=args.seed, overwrite=args.overwrite)  # fmt: skip
     counts = read_json(out / "manifest.json")["counts"]
     print(f"wrote {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
@@ -256,6 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--house-repeats", type=int, default=3)
     cc.add_argument("--overwrite", action="store_true")
     cc.set_defaults(func=_prepare_clip_corpus)
+
+    vc = prepare_sub.add_parser(
+        "vlp-corpus", help="V&L pretraining pairs in LXMERT's JSON (Shapes captions + VQA train)"
+    )
+    vc.add_argument("--shapes", required=True, help="a Shapes world folder")
+    vc.add_argument("--out", required=True)
+    vc.add_argument("--heldout", type=float, default=0.05, help="fraction of images held out")
+    vc.add_argument("--seed", type=int, default=0)
+    vc.add_argument("--overwrite", action="store_true")
+    vc.set_defaults(func=_prepare_vlp_corpus)
 
     tok = sub.add_parser("tokenizer", help="train SentencePiece tokenizers")
     tok_sub = tok.add_subparsers(dest="what", required=True)

@@ -191,9 +191,14 @@ def mask_tokens(
     special_ids: Iterable[int],
     prob: float = 0.15,
     generator: torch.Generator | None = None,
+    word_start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking: pick each non-special token with `prob`; of those 80% -> mask_id, 10% ->
     a random non-special token, 10% unchanged. Returns (masked ids, labels with -100 elsewhere).
+
+    Whole-word masking: `word_start` (bool, like `ids`) marks the first piece of each word; a
+    word is picked or not as a unit (by its first piece's draw), then each of its pieces gets
+    its own 80/10/10 replacement, as BERT's whole-word release does.
 
     Meant for dataloader workers (CPU); pass a seeded `generator` for determinism. Random
     replacements never draw a special id (e.g. EOT), unlike the reference, so a text tower that
@@ -214,7 +219,16 @@ def mask_tokens(
     def uniform() -> torch.Tensor:
         return torch.rand(ids.shape, generator=generator, device=ids.device)
 
-    picked = (uniform() < prob) & ~is_special
+    select = uniform()
+    if word_start is not None:
+        if word_start.shape != ids.shape or word_start.dtype != torch.bool:
+            raise ValueError(f"mask_tokens: word_start must be a bool tensor shaped like ids "
+                             f"{tuple(ids.shape)}, got {word_start.dtype} {tuple(word_start.shape)}")  # fmt: skip
+        # Each position reads the draw of its word's first piece (the last start at or before it).
+        pos = torch.arange(ids.shape[-1], device=ids.device).expand(ids.shape)
+        first = torch.cummax(torch.where(word_start, pos, torch.zeros_like(pos)), -1).values
+        select = select.gather(-1, first)
+    picked = (select < prob) & ~is_special
     to_mask = picked & (uniform() < 0.8)
     to_random = picked & ~to_mask & (uniform() < 0.5)  # half of the remaining 20%
     draws = torch.randint(candidates.numel(), ids.shape, generator=generator, device=ids.device)
