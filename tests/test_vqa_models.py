@@ -21,6 +21,7 @@ from cliptransfer.heads.question import (
     build_question_tokenizer,
 )
 from cliptransfer.heads.topdown import TopDown, TopDownConfig, masked_softmax
+from cliptransfer.heads.vlbert import VLBert, VLBertConfig
 from cliptransfer.visual.backbone import GridBackbone
 from cliptransfer.visual.inputs import grid_boxes, grid_inputs, pad_visual
 
@@ -35,7 +36,8 @@ def _heads(spatial: int = 4) -> dict[str, torch.nn.Module]:
     td = TopDown(RNNQuestionEncoder(V, 8, 16), C, A, TopDownConfig(hidden=16, glimpses=2), spatial)
     mc_cfg = MCANConfig(hidden=16, heads=2, ffn=32, flat_mlp=16, flat_out=24)
     mc = MCAN(RNNQuestionEncoder(V, 8, 16, "lstm"), C, A, mc_cfg, spatial)
-    return {"topdown": td.eval(), "mcan": mc.eval()}
+    vb = VLBert(VLBertConfig(hidden=16, layers=1, heads=2, intermediate=32, max_text=16), V, C, A)
+    return {"topdown": td.eval(), "mcan": mc.eval(), "vlbert": vb.eval()}
 
 
 def _question(lengths: list[int], L: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -45,7 +47,7 @@ def _question(lengths: list[int], L: int, gen: torch.Generator) -> tuple[torch.T
     return ids, torch.arange(L)[None] < torch.tensor(lengths)[:, None]
 
 
-@pytest.mark.parametrize("arch", ["topdown", "mcan"])
+@pytest.mark.parametrize("arch", ["topdown", "mcan", "vlbert"])
 def test_forward_backward_shapes(arch: str):
     model = _heads()[arch].train()
     gen = torch.Generator().manual_seed(1)
@@ -65,7 +67,7 @@ def test_forward_backward_shapes(arch: str):
         assert "classifier.2.parametrizations.weight.original0" in names
 
 
-@pytest.mark.parametrize("arch", ["topdown", "mcan"])
+@pytest.mark.parametrize("arch", ["topdown", "mcan", "vlbert"])
 def test_padding_changes_nothing_for_valid_items(arch: str):
     """Each item alone (no padding) equals the same item inside a padded batch."""
     model = _heads()[arch]
@@ -86,6 +88,25 @@ def test_padding_changes_nothing_for_valid_items(arch: str):
         f, m, s = pad_visual(feats, boxes)
         f = torch.where(m[..., None], f, torch.full_like(f, 1e4))
         torch.testing.assert_close(model(f, m, ids, q_mask, s), batch, atol=1e-5, rtol=1e-5)
+
+
+def test_vlbert_cells_get_their_grid_positions():
+    # A 5x7 grid's cell centres fall in distinct buckets of 32 per axis: column c of 7 has
+    # centre (c + 0.5) / 7 -> bucket floor(32 (c + 0.5) / 7) = 2, 6, 11, 16, 20, 25, 29.
+    model = _heads()["vlbert"]
+    boxes = grid_boxes(5, 7)[None]  # (1, 35, 4)
+    centre = (boxes[..., :2] + boxes[..., 2:]) / 2
+    bucket = (centre * 32).long()
+    assert bucket[0, :7, 0].tolist() == [2, 6, 11, 16, 20, 25, 29]
+    assert bucket[0, ::7, 1].tolist() == [3, 9, 16, 22, 28]
+    emb = model.visual_embeddings(torch.zeros(1, 35, C), boxes)
+    expected = (
+        model.visual_proj(torch.zeros(1, 35, C))
+        + model.pos_x(bucket[..., 0])
+        + model.pos_y(bucket[..., 1])
+    )
+    torch.testing.assert_close(emb, expected)
+    assert len({tuple(r) for r in bucket[0].tolist()}) == 35
 
 
 def test_masked_softmax_and_attention_weights():

@@ -82,6 +82,26 @@ def test_features_mode_trains_scores_and_reloads(tiny_world: Path, tmp_path: Pat
     assert [answers[k] for k in pred] == [by_qid[q] for q in batch["question_id"].tolist()]
 
 
+def test_vlbert_head_trains_and_reloads(tiny_world: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    extra = ["train.epochs=1", "model.arch=vlbert", "model.vlbert.hidden=16",
+             "model.vlbert.heads=2", "model.vlbert.intermediate=32", "model.vlbert.layers=1"]  # fmt: skip
+    vqa.main(_args(tiny_world, out, tmp_path / "cache", *extra))
+    saved = json.loads((out / "metrics.json").read_text())
+    model, cfg, answers, q_tok = vqa.load_trained(out / "best")
+    assert cfg.model.arch == "vlbert" and type(model.head).__name__ == "VLBert"
+    split = load_vqa(tiny_world / VAL_Q, tiny_world / VAL_A)
+    ds = VQADataset(split, q_tok, make_ans2label(answers),
+                    StoreInputs(FeatureStore.open(saved["features"]["path"])))  # fmt: skip
+    batch = collate_vqa([ds[i] for i in range(len(ds))])
+    with torch.no_grad():
+        pred = model(batch).argmax(-1)
+    results = {
+        r["question_id"]: r["answer"] for r in json.loads((out / "results_val.json").read_text())
+    }
+    assert [answers[k] for k in pred] == [results[q] for q in batch["question_id"].tolist()]
+
+
 def test_end2end_lora_mcan_saves_reloads_and_merges(tiny_world: Path, tmp_path: Path):
     from cliptransfer.adapters import AdapterConfig, load_adapter
     from cliptransfer.heads.model import VLModel, build_head

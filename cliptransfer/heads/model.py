@@ -18,6 +18,7 @@ from cliptransfer.heads.mcan import MCAN, MCANConfig
 from cliptransfer.heads.question import QuestionConfig, build_question_encoder
 from cliptransfer.heads.registry import get_head, register_head
 from cliptransfer.heads.topdown import TopDown, TopDownConfig
+from cliptransfer.heads.vlbert import VLBertConfig
 from cliptransfer.visual.inputs import grid_inputs
 
 __all__ = ["HeadConfig", "VLModel", "build_head", "shapes_head"]
@@ -33,6 +34,7 @@ class HeadConfig:
     spatial: bool = True  # feed the normalised box of each cell/region
     topdown: TopDownConfig = dataclasses.field(default_factory=TopDownConfig)
     mcan: MCANConfig = dataclasses.field(default_factory=MCANConfig)
+    vlbert: VLBertConfig = dataclasses.field(default_factory=VLBertConfig)
 
 
 def shapes_head() -> HeadConfig:

@@ -124,7 +124,7 @@ class RNNQuestionEncoder(nn.Module):
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
         cls = {"gru": nn.GRU, "lstm": nn.LSTM}[rnn]
         self.rnn = cls(embed_dim, hidden, batch_first=True)
-        self.dim = hidden
+        self.dim, self.vocab_size = hidden, vocab_size
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         L = ids.shape[1]
@@ -152,6 +152,7 @@ class HFQuestionEncoder(nn.Module):
         except (OSError, ValueError) as e:
             raise FileNotFoundError(f"{path}: no loadable Hugging Face model ({e})") from e
         self.dim = int(self.model.config.hidden_size)
+        self.vocab_size = int(self.model.config.vocab_size)
         if freeze:
             for p in self.model.parameters():
                 p.requires_grad = False
