@@ -1,0 +1,139 @@
+"""V&L pretraining samples: one per sentence of the LXMERT corpus (as LXMERT iterates), with the
+MLM / ITM / QA inputs and targets drawn from (seed, epoch, index) alone, and the image's cells
+from the feature store (CLIP grid or BottomUp regions, the VQA heads' interface).
+
+Item: `text_ids` (L,) masked, `text_mask` (L,), `mlm_labels` (L,) (IGNORE off the masked
+positions), `itm` (1 = the image's own sentence), `qa` (answer index or IGNORE), `features`
+(N, C), `spatial` (N, 4), `index`.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from cliptransfer.config import ConfigError, check_range
+from cliptransfer.contrastive.augment import sample_generator
+from cliptransfer.contrastive.losses.declip import mask_tokens
+from cliptransfer.visual.inputs import pad_visual
+from cliptransfer.vlp.corpus import VLPSentence
+from cliptransfer.vlp.objectives import IGNORE, itm_sentence, sample_answer
+
+__all__ = ["MLMVocab", "VLPDataConfig", "VLPDataset", "collate_vlp", "image_key"]
+
+_COCO = re.compile(r"^COCO_(?:train|val|test)\d{4}_0*(\d+)$")
+
+
+def image_key(img_id: str) -> int | str:
+    """The feature-store key of an LXMERT `img_id`: a COCO file stem gives its numeric image id
+    (the key grid extraction and the VQA task use); anything else (VG ids) stays as it is."""
+    m = _COCO.match(img_id)
+    return int(m.group(1)) if m else img_id
+
+
+@dataclass
+class VLPDataConfig:
+    # LXMERT JSON files (comma lists); both empty = the Shapes world's corpus (prepared once).
+    train: str = ""
+    val: str = ""  # held-out pairs for MLM / ITM accuracy (LXMERT's minival)
+    sources: str = ""  # sentf sources to read (comma list, e.g. "mscoco,vqa"); empty = all
+    mlm_prob: float = 0.15
+    whole_word: bool = False
+    itm_prob: float = 0.5  # probability that a sentence is swapped for another image's
+    grid_keep: int = 0  # train only: keep this many random cells per image (0 = all)
+    skip_missing: bool = False  # count and drop sentences whose image has no features
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        check_range("mlm_prob", self.mlm_prob, ge=0, le=1)
+        check_range("itm_prob", self.itm_prob, ge=0, lt=1)
+        check_range("grid_keep", self.grid_keep, ge=0)
+        check_range("num_workers", self.num_workers, ge=0)
+
+
+@dataclass(frozen=True)
+class MLMVocab:
+    """What masking needs from a question tokenizer: the mask id, the special ids, the vocab
+    size and (whole-word masking) which ids start a word."""
+
+    mask_id: int
+    special_ids: tuple[int, ...]
+    vocab_size: int
+    word_start: torch.Tensor | None  # (vocab,) bool
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> MLMVocab:
+        if hasattr(tokenizer, "tokenizer") and hasattr(tokenizer.tokenizer, "mask_token_id"):
+            hf = tokenizer.tokenizer  # a Hugging Face (BERT WordPiece) tokenizer
+            pieces = hf.convert_ids_to_tokens(list(range(len(hf))))
+            start = torch.tensor([not p.startswith("##") for p in pieces])
+            return cls(hf.mask_token_id, tuple(hf.all_special_ids), len(hf), start)
+        tok = tokenizer.tokenizer  # the project tokenizer (SentencePiece / CLIP BPE)
+        if tok.mask_id is None:
+            raise ConfigError(f"text.tokenizer: {tok!r} has no mask token, MLM needs one")
+        start = None
+        if hasattr(tok, "sp"):  # SentencePiece: ids 1..n are pieces; "▁" starts a word
+            start = torch.ones(tok.vocab_size, dtype=torch.bool)
+            for i in range(tok.sp_vocab_size):
+                start[i + 1] = tok.sp.id_to_piece(i).startswith("\u2581")
+        return cls(tok.mask_id, (tok.pad_id, tok.sot_id, tok.eot_id), tok.vocab_size, start)
+
+
+class VLPDataset(Dataset):
+    def __init__(self, sentences: Sequence[VLPSentence], tokenizer: Callable, vocab: MLMVocab,
+                 inputs: Callable[[int | str], Mapping[str, torch.Tensor]],
+                 ans2label: Mapping[str, int] | None, cfg: VLPDataConfig, *, seed: int,
+                 train: bool) -> None:  # fmt: skip
+        if len({s.img_id for s in sentences}) < 2 and cfg.itm_prob > 0:
+            raise ValueError("ITM needs sentences of at least two images")
+        if cfg.whole_word and vocab.word_start is None:
+            raise ConfigError("data.whole_word: the tokenizer does not mark word starts")
+        self.sentences, self.tokenizer, self.vocab = list(sentences), tokenizer, vocab
+        self.inputs, self.ans2label, self.cfg = inputs, ans2label, cfg
+        self.image_of = [s.img_id for s in self.sentences]
+        self.seed, self.train, self.epoch = seed, train, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.sentences)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        cfg, vocab = self.cfg, self.vocab
+        g = sample_generator(self.seed, self.epoch if self.train else 0, index)
+        rng = random.Random(int(torch.randint(2**62, (), generator=g)))
+        own = self.sentences[index]
+        j, matched = itm_sentence(self.image_of, index, rng, cfg.itm_prob)
+        ids, mask, _ = self.tokenizer([self.sentences[j].text])  # (1, L) each
+        ids, mask = ids[0], mask[0].bool()
+        start = vocab.word_start[ids] if cfg.whole_word else None
+        masked, labels = mask_tokens(ids, vocab.mask_id, vocab.vocab_size, vocab.special_ids,
+                                     cfg.mlm_prob, g, word_start=start)  # fmt: skip
+        qa = IGNORE
+        if matched and self.ans2label:  # QA only on the image's own question
+            qa = sample_answer(own.label, self.ans2label, rng)
+        visual = self.inputs(image_key(own.img_id))
+        feats, spatial = visual["features"], visual["spatial"]
+        if self.train and cfg.grid_keep and feats.shape[0] > cfg.grid_keep:
+            keep = torch.randperm(feats.shape[0], generator=g)[: cfg.grid_keep].sort().values
+            feats, spatial = feats[keep], spatial[keep]
+        return {"text_ids": masked, "text_mask": mask, "mlm_labels": labels, "itm": int(matched),
+                "qa": qa, "features": feats, "spatial": spatial, "index": index}  # fmt: skip
+
+
+def collate_vlp(items: list[dict[str, Any]]) -> dict[str, Any]:
+    feats, mask, spatial = pad_visual([it["features"] for it in items],
+                                      [it["spatial"] for it in items])  # fmt: skip
+    batch = {"features": feats, "visual_mask": mask, "spatial": spatial}
+    for key in ("text_ids", "text_mask", "mlm_labels"):
+        batch[key] = torch.stack([it[key] for it in items])
+    for key in ("itm", "qa", "index"):
+        batch[key] = torch.tensor([it[key] for it in items], dtype=torch.long)
+    return batch
