@@ -35,6 +35,8 @@ class HeadConfig:
     topdown: TopDownConfig = dataclasses.field(default_factory=TopDownConfig)
     mcan: MCANConfig = dataclasses.field(default_factory=MCANConfig)
     vlbert: VLBertConfig = dataclasses.field(default_factory=VLBertConfig)
+    # vlbert: start from V&L pretraining (a pretrain/vl.py final/ folder); empty = fresh weights
+    init_from: str = ""
 
 
 def shapes_head() -> HeadConfig:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cliptransfer.adapters import AdapterConfig
 from cliptransfer.clip.tuning import TuningConfig
-from cliptransfer.config import to_dict
+from cliptransfer.config import ConfigError, to_dict
 from cliptransfer.engine.config import RunConfig
 from cliptransfer.engine.evaluation import peak_memory, predict
 from cliptransfer.engine.loop import FitResult
@@ -101,6 +102,29 @@ class VLTask(EvalOnlyTask):
         """(results file rows, metrics or None) from the gathered predictions of `split`."""
         raise NotImplementedError
 
+    # A task with its own head (V&L pretraining) sets this to a method building it; None =
+    # the registered `model.arch`.
+    build_head: Callable[[], nn.Module] | None = None
+
+    def output_names(self) -> list[str] | None:
+        """Names of the head's outputs that a V&L-pretrained QA head may share (VQA answers)."""
+        return None
+
+    def init_head(self, model: nn.Module) -> None:
+        """`model.init_from`: the vlbert head starts from a pretrain/vl.py final/ folder."""
+        folder = self.cfg.model.init_from
+        if not folder:
+            return
+        if self.cfg.model.arch != "vlbert":
+            raise ConfigError(
+                f"model.init_from needs model.arch=vlbert, got {self.cfg.model.arch!r}"
+            )
+        from cliptransfer.vlp.transfer import load_pretrained_head
+
+        got = load_pretrained_head(model.head, folder, self.output_names())
+        self.run.print(f"vlbert initialised from {folder}: {got['loaded']} tensors, "
+                       f"{got['answers_shared']} answers from its QA head")  # fmt: skip
+
     def best_files(self) -> dict[str, Any]:
         """Extra files of best/ beside model, config, tokenizer and meta."""
         return {}
@@ -149,7 +173,7 @@ class VLTask(EvalOnlyTask):
         self.collate = type(self).collate_fn
         self.model = run_model(
             run.accelerator, cfg, self.side, self.num_outputs(), self.tokenizer.vocab_size,
-            self.eval_only,
+            self.eval_only, self.build_head, self.init_head,
         )  # fmt: skip
         if not self.eval_only:
             save_run_config(run)
@@ -193,7 +217,9 @@ class VLTask(EvalOnlyTask):
     def load_best(self) -> nn.Module:
         """The model of best/ (after training; every process waits for the main one's write)."""
         self.run.accelerator.wait_for_everyone()
-        fresh = task_model(self.cfg, self.side.dim, self.num_outputs(), self.tokenizer.vocab_size)
+        head = self.build_head() if self.build_head else None
+        fresh = task_model(self.cfg, self.side.dim, self.num_outputs(), self.tokenizer.vocab_size,
+                           head=head)  # fmt: skip
         return load_best_model(self.run.out / "best", fresh, self.cfg.peft)
 
     # ---- reports

@@ -125,28 +125,36 @@ def load_best_model(folder: str | Path, model: nn.Module, cfg: AdapterConfig) ->
 
 
 def task_model(
-    cfg: Any, visual_dim: int, num_outputs: int, vocab_size: int, backbone: nn.Module | None = None
-) -> VLModel:
+    cfg: Any, visual_dim: int, num_outputs: int, vocab_size: int,
+    backbone: nn.Module | None = None, head: nn.Module | None = None,
+) -> VLModel:  # fmt: skip
     """The plain model of a task config (`model`, `text`, `mode`, `backbone`, `tuning` fields):
-    the head, plus in end2end mode `backbone` or the config's CLIP image tower."""
+    the head (`head`, else the registered `model.arch`), plus in end2end mode `backbone` or the
+    config's CLIP image tower."""
     if backbone is None and cfg.mode == "end2end":
         backbone = GridBackbone(load_backbone(cfg.backbone)[0], cfg.tuning)
-    head = build_head(cfg.model, cfg.text, visual_dim, num_outputs, vocab_size)
+    if head is None:
+        head = build_head(cfg.model, cfg.text, visual_dim, num_outputs, vocab_size)
     return VLModel(head, backbone)
 
 
 def run_model(
     accelerator: Any, cfg: Any, side: ImageSide, num_outputs: int, vocab_size: int,
-    eval_only: str | None,
+    eval_only: str | None, build_head: Callable[[], nn.Module] | None = None,
+    init: Callable[[nn.Module], None] | None = None,
 ) -> nn.Module:  # fmt: skip
-    """The run's model, seeded: a saved best/ folder's (`eval_only`) or a new one with the
-    config's PEFT adapters attached; prints its size."""
+    """The run's model, seeded: a saved best/ folder's (`eval_only`) or a new one, `init`ialised
+    (pretrained weights) before the config's PEFT adapters are attached; prints its size.
+    `build_head` replaces the registered head (V&L pretraining's)."""
     set_seed(cfg.train.seed)
-    model: nn.Module = task_model(cfg, side.dim, num_outputs, vocab_size, side.backbone)
+    head = build_head() if build_head else None
+    model: nn.Module = task_model(cfg, side.dim, num_outputs, vocab_size, side.backbone, head)
     if eval_only:
         check_visual_dim(eval_only, side)
         model = load_best_model(eval_only, model, cfg.peft)
     else:
+        if init is not None:
+            init(model)
         model = attach_adapters(model, cfg.peft, accelerator.print)
     trainable, total = trainable_summary(model)
     accelerator.print(

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Container, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -25,7 +25,7 @@ from cliptransfer.visual.inputs import pad_visual
 from cliptransfer.vlp.corpus import VLPSentence
 from cliptransfer.vlp.objectives import IGNORE, itm_sentence, sample_answer
 
-__all__ = ["MLMVocab", "VLPDataConfig", "VLPDataset", "collate_vlp", "image_key"]
+__all__ = ["MLMVocab", "VLPDataConfig", "VLPDataset", "VLPSplit", "collate_vlp", "image_key"]
 
 _COCO = re.compile(r"^COCO_(?:train|val|test)\d{4}_0*(\d+)$")
 
@@ -38,6 +38,28 @@ def image_key(img_id: str) -> int | str:
 
 
 @dataclass
+class VLPSplit:
+    """The sentences of one or more LXMERT files (the task's split interface: `source`,
+    `image_ids()`, `without_images()`, `skipped`)."""
+
+    source: str
+    examples: list[VLPSentence]
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def image_ids(self) -> list[int | str]:
+        return sorted({image_key(s.img_id) for s in self.examples}, key=str)
+
+    def without_images(self, image_ids: Container[int | str], reason: str) -> VLPSplit:
+        keep = [s for s in self.examples if image_key(s.img_id) not in image_ids]
+        skipped = dict(self.skipped)
+        skipped[reason] = skipped.get(reason, 0) + len(self.examples) - len(keep)
+        return replace(self, examples=keep, skipped=skipped)
+
+
+@dataclass
 class VLPDataConfig:
     # LXMERT JSON files (comma lists); both empty = the Shapes world's corpus (prepared once).
     train: str = ""
@@ -47,6 +69,7 @@ class VLPDataConfig:
     whole_word: bool = False
     itm_prob: float = 0.5  # probability that a sentence is swapped for another image's
     grid_keep: int = 0  # train only: keep this many random cells per image (0 = all)
+    images: str = ""  # COCO root with train2014/, val2014/ (grid extraction, end2end)
     skip_missing: bool = False  # count and drop sentences whose image has no features
     num_workers: int = 0
 

@@ -171,6 +171,9 @@ class VQATask(VLTask):
     def num_outputs(self) -> int:
         return len(self.answers)
 
+    def output_names(self) -> list[str]:
+        return list(self.answers)
+
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {"loss": soft_bce(model(batch).float(), batch["target"])}
 

@@ -1,0 +1,226 @@
+"""V&L pretraining on CLIP grids (CLIP-ViL_p, derived from LXMERT) as a task of the engine: the
+`vlbert` transformer with MLM + ITM heads, QA joining from `loss.qa_from_epoch` on (LXMERT added
+QA for the last epochs), on an LXMERT-format corpus over any feature store (CLIP grid, BottomUp
+regions) or end to end on pixels.
+
+Before and after training it scores held-out pairs (LXMERT's minival): MLM accuracy on the masked
+tokens and ITM accuracy (matched vs swapped sentence, swaps drawn once), so the report puts the
+pretrained model next to the untrained one. `final/` holds the model in the task heads' format:
+`tasks/vqa.py` / `tasks/snli_ve.py` start from it with `--set model.init_from=runs/vlp/final`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from cliptransfer.config import ConfigError, check_range, to_dict
+from cliptransfer.engine.config import TrainConfig
+from cliptransfer.engine.evaluation import predict
+from cliptransfer.engine.optim import OptimConfig
+from cliptransfer.engine.task import register_task
+from cliptransfer.heads.model import HeadConfig
+from cliptransfer.heads.question import QuestionConfig
+from cliptransfer.heads.vlbert import VLBertConfig
+from cliptransfer.tasks.common import VLTask, VLTaskConfig, markdown_table
+from cliptransfer.tasks.vl_model import save_best_dir
+from cliptransfer.tasks.vqa.answers import save_answer_vocab
+from cliptransfer.tasks.vqa.data import check_available
+from cliptransfer.vlp.corpus import build_shapes_vlp_corpus, load_lxmert
+from cliptransfer.vlp.data import (
+    MLMVocab,
+    VLPDataConfig,
+    VLPDataset,
+    VLPSplit,
+    collate_vlp,
+    image_key,
+)
+from cliptransfer.vlp.model import VLPHead, vlp_losses
+from cliptransfer.vlp.objectives import IGNORE
+
+__all__ = ["VLPConfig", "VLPLossConfig", "VLPTask"]
+
+
+@dataclass
+class VLPLossConfig:
+    mlm: float = 1.0
+    itm: float = 1.0
+    qa: float = 1.0
+    qa_from_epoch: int = 1  # stage 2: QA joins from this (0-based) epoch on
+    min_answer_count: int = 1  # QA table: answers given (as a label) at least this often
+
+    def __post_init__(self) -> None:
+        for name in ("mlm", "itm", "qa"):
+            check_range(name, getattr(self, name), ge=0)
+        check_range("qa_from_epoch", self.qa_from_epoch, ge=0)
+        check_range("min_answer_count", self.min_answer_count, ge=1)
+
+
+@dataclass
+class VLPConfig(VLTaskConfig):
+    data: VLPDataConfig = field(default_factory=VLPDataConfig)
+    loss: VLPLossConfig = field(default_factory=VLPLossConfig)
+    text: QuestionConfig = field(default_factory=lambda: QuestionConfig(max_length=24))
+    model: HeadConfig = field(
+        default_factory=lambda: HeadConfig(arch="vlbert", vlbert=VLBertConfig())
+    )
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=5e-4, weight_decay=0.01, warmup_steps=100)
+    )
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/vlp", epochs=4))
+
+
+def _files(spec: str) -> list[Path]:
+    return [Path(p) for p in spec.split(",") if p.strip()]
+
+
+@register_task("vlp", config=VLPConfig, launcher="pretrain/vl.py")
+class VLPTask(VLTask):
+    tracker = "vlp"
+    collate_fn = staticmethod(collate_vlp)
+    id_key = "index"
+    evaluate_every_epoch = False  # held-out MLM / ITM once before and once after training
+
+    @classmethod
+    def apply_arguments(cls, cfg: VLPConfig, args: Any) -> None:
+        if cfg.model.arch != "vlbert":
+            raise ConfigError(
+                f"model.arch: V&L pretraining trains 'vlbert', got {cfg.model.arch!r}"
+            )
+        super().apply_arguments(cfg, args)
+
+    def uses_world(self) -> bool:
+        return not self.cfg.data.train
+
+    def load_splits(self, world: Path | None) -> dict[str, Any]:
+        d = self.cfg.data
+        if world is not None:
+            corpus = world / "vlp-corpus"
+            with self.run.accelerator.main_process_first():
+                build_shapes_vlp_corpus(world, corpus)
+            train, val = [corpus / "mscoco_train.json"], [corpus / "mscoco_minival.json"]
+            self.images = Path(d.images) if d.images else world / "images"
+        else:
+            train, val = _files(d.train), _files(d.val)
+            if not val:
+                raise ConfigError("data.val: held-out LXMERT files are needed with data.train")
+            self.images = Path(d.images) if d.images else None
+        sources = [s for s in d.sources.split(",") if s.strip()] or None
+        splits = {
+            "train": VLPSplit(",".join(map(str, train)),
+                              [s for f in train for s in load_lxmert(f, sources)]),
+            "val": VLPSplit(",".join(map(str, val)), [s for f in val for s in load_lxmert(f, sources)]),
+        }  # fmt: skip
+        counts: dict[str, int] = {}
+        for s in splits["train"].examples:
+            for answer in s.label or {}:
+                counts[answer] = counts.get(answer, 0) + 1
+        self.answers = sorted(a for a, c in counts.items() if c >= self.cfg.loss.min_answer_count)
+        self.ans2label = {a: i for i, a in enumerate(self.answers)}
+        return splits
+
+    def image_files(self, splits: dict[str, Any]) -> tuple[dict[str, Any], dict[Any, Path]]:
+        if self.images is None:
+            raise ConfigError("data.images (the COCO image root) is needed to extract grids")
+        paths: dict[Any, Path] = {}
+        for name, split in splits.items():
+            where = {}
+            for s in split.examples:
+                subset = s.img_id.split("_")[1] if s.img_id.startswith("COCO_") else ""
+                where[image_key(s.img_id)] = self.images / subset / f"{s.img_id}.jpg"
+            splits[name] = check_available(
+                split, lambda i, w=where: w[i].is_file(), f"image folder {self.images}",
+                self.cfg.data.skip_missing, "missing_image", describe=lambda i, w=where: f"expected {w[i]}",
+            )  # fmt: skip
+            paths.update({i: where[i] for i in splits[name].image_ids()})
+        return splits, paths
+
+    def dataset(self, split: VLPSplit) -> VLPDataset:
+        train = split is self._train_split()
+        return VLPDataset(split.examples, self.tokenizer, MLMVocab.of(self.tokenizer), self.side.inputs,
+                          self.ans2label, self.cfg.data, seed=self.cfg.train.seed, train=train)  # fmt: skip
+
+    def _train_split(self) -> VLPSplit | None:
+        return getattr(self, "splits", {}).get("train")
+
+    def num_outputs(self) -> int:
+        return max(len(self.answers), 1)
+
+    def build_head(self) -> nn.Module:
+        return VLPHead(self.cfg.model.vlbert, self.tokenizer.vocab_size, self.side.dim,
+                       len(self.answers))  # fmt: skip
+
+    def weights(self) -> dict[str, float]:
+        loss = self.cfg.loss
+        epoch = getattr(self.train_data, "epoch", 0)
+        qa = loss.qa if self.answers and epoch >= loss.qa_from_epoch else 0.0
+        return {"mlm": loss.mlm, "itm": loss.itm, "qa": qa}
+
+    def training_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return vlp_losses(model(batch), batch, self.weights())
+
+    def evaluate(self, model: nn.Module, split: str) -> tuple[None, dict]:
+        def per_item(m: nn.Module, b: dict) -> dict[str, torch.Tensor]:
+            out = m(b)
+            picked = b["mlm_labels"] != IGNORE
+            hit = (out["mlm"].argmax(-1) == b["mlm_labels"]) & picked
+            qa_ok = b["qa"] != IGNORE
+            return {"index": b["index"], "mlm_hit": hit.sum(1), "mlm_n": picked.sum(1),
+                    "itm_hit": (out["itm"].argmax(-1) == b["itm"]).long(),
+                    "qa_hit": ((out["qa"].argmax(-1) == b["qa"]) & qa_ok).long(),
+                    "qa_n": qa_ok.long()}  # fmt: skip
+
+        got = predict(self.run.accelerator, model, self.loaders[split], per_item)
+
+        def pct(hit: str, n: torch.Tensor | int) -> float | None:
+            total = int(n.sum()) if isinstance(n, torch.Tensor) else n
+            return 100.0 * int(got[hit].sum()) / total if total else None
+
+        metrics = {"mlm_accuracy": pct("mlm_hit", got["mlm_n"]),
+                   "itm_accuracy": pct("itm_hit", len(got["itm_hit"])),
+                   "qa_accuracy": pct("qa_hit", got["qa_n"]),
+                   "pairs": len(got["itm_hit"]), "masked_tokens": int(got["mlm_n"].sum())}  # fmt: skip
+        return None, metrics
+
+    def score(self, metrics: dict) -> float:
+        return (metrics["mlm_accuracy"] or 0.0) + (metrics["itm_accuracy"] or 0.0)
+
+    def on_start(self, model: nn.Module, resumed: bool) -> None:
+        if not resumed:
+            self.initial = self.evaluate(model, "val")[1]
+            self.run.print(f"untrained model, held-out: {self.initial}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"initial_eval": getattr(self, "initial", None)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.initial = state.get("initial_eval")
+
+    def report(self, result: Any) -> dict[str, Any]:
+        if self.run.is_main:
+            model = self.run.accelerator.unwrap_model(self.model)
+            meta = {"visual_dim": self.side.dim, "features": self.side.info, "answers": len(self.answers),
+                    "pretrain": "vlp"}  # fmt: skip
+            files = {"config.yaml": yaml.safe_dump(to_dict(self.cfg), sort_keys=False),
+                     "tokenizer": self.tokenizer.save, "meta.json": meta,
+                     "answers.json": lambda path: save_answer_vocab(self.answers, path)}  # fmt: skip
+            save_best_dir(self.run.out / "final", model, self.cfg.peft, files)
+        self.run.accelerator.wait_for_everyone()
+        report = {**self.base_report(), "steps": result.steps, "samples_seen": result.samples_seen,
+                  "untrained": getattr(self, "initial", None), "pretrained": result.final}  # fmt: skip
+        return report
+
+    def print_report(self, report: dict) -> None:
+        rows = []
+        for name, key in (("untrained", "untrained"), ("pretrained", "pretrained")):
+            m = report.get(key) or {}
+            rows.append([name, m.get("mlm_accuracy"), m.get("itm_accuracy"), m.get("qa_accuracy")])
+        print(
+            markdown_table(["held-out pairs", "MLM accuracy", "ITM accuracy", "QA accuracy"], rows)
+        )
+        print(f"skipped: {report['skipped']}; model written to {self.run.out / 'final'}")
