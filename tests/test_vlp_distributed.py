@@ -1,0 +1,84 @@
+"""2-process (gloo, CPU) V&L pretraining objectives equal the 1-process values on one global batch
+(dropout off): each rank takes half, the terms averaged over ranks and the DDP-averaged gradients
+match one process on the whole batch, with uneven masked-token and QA counts per rank."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from cliptransfer.engine.distributed import world_info
+from cliptransfer.heads.vlbert import VLBertConfig
+from cliptransfer.vlp.model import VLPHead, vlp_losses
+from cliptransfer.vlp.objectives import IGNORE
+
+B, L, N, C, V, A = 8, 6, 5, 4, 20, 3
+WORLD = 2
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(4, V, (B, L), generator=gen)
+    picked = torch.zeros(B, L, dtype=torch.bool)
+    picked[0, 1] = True  # rank 0: 1 masked token; rank 1: 7
+    picked[4:, 2] = picked[5:7, 4] = picked[7, 0] = True
+    return {
+        "features": torch.randn(B, N, C, generator=gen),
+        "visual_mask": torch.arange(N)[None] < torch.tensor([5, 3, 5, 2, 4, 5, 1, 5])[:, None],
+        "spatial": torch.rand(B, N, 4, generator=gen),
+        "text_ids": ids, "text_mask": torch.ones(B, L, dtype=torch.bool),
+        "mlm_labels": torch.where(picked, ids, torch.full_like(ids, IGNORE)),
+        "itm": torch.tensor([1, 0, 1, 1, 0, 0, 1, 0]),
+        "qa": torch.tensor([2, IGNORE, IGNORE, IGNORE, 0, IGNORE, 1, 2]),  # 1 vs 3 per rank
+    }  # fmt: skip
+
+
+def run_objectives() -> dict[str, torch.Tensor]:
+    rank, world = world_info()
+    rows = slice(rank * B // world, (rank + 1) * B // world)
+    torch.manual_seed(0)
+    cfg = VLBertConfig(hidden=16, layers=1, heads=2, intermediate=32, max_text=8, dropout=0.0)
+    model = VLPHead(cfg, V, C, A)
+    b = {k: v[rows] for k, v in _batch().items()}
+    out = model(b["features"], b["visual_mask"], b["text_ids"], b["text_mask"], b["spatial"])
+    terms = vlp_losses(out, b, {"mlm": 1.0, "itm": 1.0, "qa": 1.0})
+    terms["loss"].backward()
+    result = {}
+    for name, value in terms.items():
+        value = value.detach().clone()
+        if world > 1:
+            dist.all_reduce(value)
+        result[name] = value / world
+    for name, p in model.named_parameters():
+        grad = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+        if world > 1:
+            dist.all_reduce(grad)
+        result[f"grad/{name}"] = grad / world
+    return result
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.save(run_objectives(), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_equal_one(tmp_path: Path):
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this pytest process")
+    single = run_objectives()
+    mp.start_processes(_worker, args=(WORLD, str(tmp_path / "store"), str(tmp_path)),
+                       nprocs=WORLD, start_method="fork")  # fmt: skip
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    assert set(single) >= {"loss", "mlm", "itm", "qa"} and set(ranks[0]) == set(single)
+    for key, ref in single.items():
+        for r, res in enumerate(ranks):
+            torch.testing.assert_close(res[key], ref, atol=1e-6, rtol=1e-5, msg=f"{key} rank {r}")
+    assert single["grad/itm.weight"].abs().sum() > 0 and single["grad/mlm_bias"].abs().sum() > 0
