@@ -194,8 +194,19 @@ def _compare(args: argparse.Namespace) -> int:
         script=args.script,
         config=args.config,
         rerun=args.rerun,
+        inits=split_list(args.init) if args.init else (),
+        seeds=_seeds(args.seeds),
     )
     return 0
+
+
+def _seeds(text: str | None) -> list[int]:
+    from cliptransfer.compare import CompareError, split_list
+
+    try:
+        return [int(x) for x in split_list(text or "")]
+    except ValueError:
+        raise CompareError(f"--seeds {text!r}: expected integers, e.g. --seeds 0,1,2") from None
 
 
 def _show_episode(args: argparse.Namespace) -> int:
@@ -359,6 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="default",
         help="CLIP backbones: 'default', arch names, checkpoints or LABEL=PATH (comma list)",
     )
+    cmp.add_argument(
+        "--init",
+        help="vlbert starts (comma list): 'none' (fresh) and/or pretrain/vl.py final/ folders "
+        "(LABEL=PATH names them); each becomes model.init_from",
+    )
+    cmp.add_argument("--seeds", help="comma list of train.seed values: mean ± std per setting")
     cmp.add_argument("--out", help="output folder (default runs/compare-TASK)")
     cmp.add_argument(
         "--set",

@@ -3,6 +3,8 @@
     cliptransfer compare --task vqa --features clip-grid,bottomup --backbones default,RN50
     cliptransfer compare --task snli-ve --features clip-grid --backbones default,mine=runs/p/final
     cliptransfer compare --task vln --features clip,supervised
+    cliptransfer compare --task vqa --features clip-grid --init none,runs/vlp/final --seeds 0,1,2 \
+        --set model.arch=vlbert
 
 Settings are features x backbones (the backbone only matters for the CLIP feature kind, so
 bottomup / supervised runs once). Each setting runs the task script (`tasks/vqa.py`,
@@ -21,7 +23,6 @@ matplotlib only when the plot is drawn: `cliptransfer --help` stays fast.
 from __future__ import annotations
 
 import codecs
-import math
 import os
 import re
 import shlex
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from cliptransfer.compare_report import aggregate, markdown, plot_png
 from cliptransfer.fileio import (
     JSONFileError,
     atomic_write_bytes,
@@ -42,7 +44,8 @@ from cliptransfer.fileio import (
 
 # Set by compare for each setting (with the task's features key); a user override of these would
 # make the settings identical.
-RESERVED = {"backbone": "--backbones", "train.out_dir": "--out"}
+RESERVED = {"backbone": "--backbones", "train.out_dir": "--out", "model.init_from": "--init",
+            "train.seed": "--seeds"}  # fmt: skip
 RECORD = "compare_command.json"
 
 
@@ -90,16 +93,27 @@ def _spec(task: str) -> TaskSpec:
 
 @dataclass(frozen=True)
 class Setting:
-    """One run of the comparison: a feature kind and, for clip-grid, a backbone."""
+    """One run of the comparison: a feature kind and, for clip-grid, a backbone; optionally a
+    V&L-pretrained start (`init`, a pretrain/vl.py final/ folder; "none" = fresh weights) and a
+    seed. Runs that differ only by seed form one `group` (mean ± std in the table)."""
 
     name: str  # also the run's folder under OUT
     feature: str
     backbone: str | None = None  # "default", an arch name or a checkpoint; None for bottomup
     features_key: str = "features.kind"  # the task's config field for the feature kind
+    init: str | None = None  # None: not compared; "none" or a folder: model.init_from
+    seed: int | None = None  # None: the config's train.seed
+
+    @property
+    def group(self) -> str:
+        return self.name if self.seed is None else self.name.rsplit("-seed", 1)[0]
 
     def overrides(self, run_dir: Path) -> list[str]:
-        backbone = [] if self.backbone is None else [f"backbone={self.backbone}"]
-        return [f"{self.features_key}={self.feature}", *backbone, f"train.out_dir={run_dir}"]
+        out = [f"{self.features_key}={self.feature}"]
+        out += [] if self.backbone is None else [f"backbone={self.backbone}"]
+        out += [] if self.init in (None, "none") else [f"model.init_from={self.init}"]
+        out += [] if self.seed is None else [f"train.seed={self.seed}"]
+        return [*out, f"train.out_dir={run_dir}"]
 
 
 def split_list(text: str) -> list[str]:
@@ -117,12 +131,25 @@ def _label(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", spec).strip("-.") or "backbone"
 
 
+def _labelled(specs: Sequence[str]) -> list[tuple[str, str]]:
+    """(label, spec) of `LABEL=SPEC` items, else the spec's own label."""
+    parsed: list[tuple[str, str]] = []
+    for b in dict.fromkeys(specs):
+        label, sep, rest = b.partition("=")
+        if sep and rest and re.fullmatch(r"[A-Za-z0-9._-]+", label) and not Path(b).exists():
+            parsed.append((label, rest))
+        else:
+            parsed.append((_label(b), b))
+    return parsed
+
+
 def expand_settings(
-    features: Sequence[str], backbones: Sequence[str] = (), task: str = "vqa"
-) -> list[Setting]:
-    """features x backbones, in the given order; the non-CLIP kind once. A backbone may be
-    `LABEL=SPEC` to name its setting `clip-grid-LABEL` (VLN: `clip-LABEL`); otherwise the label
-    comes from the spec."""
+    features: Sequence[str], backbones: Sequence[str] = (), task: str = "vqa",
+    inits: Sequence[str] = (), seeds: Sequence[int] = (),
+) -> list[Setting]:  # fmt: skip
+    """features x backbones (x inits x seeds), in the given order; the non-CLIP kind once. A
+    backbone or init may be `LABEL=SPEC` to name its setting `clip-grid-LABEL` (VLN:
+    `clip-LABEL`) / `...-init-LABEL`; otherwise the label comes from the spec."""
     cols = _spec(task).cols
     kinds = cols.feature_kinds
     if not features:
@@ -130,20 +157,30 @@ def expand_settings(
     bad = [f for f in features if f not in kinds]
     if bad:
         raise CompareError(f"unknown feature kind {bad[0]!r}: choose from {', '.join(kinds)}")
-    parsed: list[tuple[str, str]] = []
-    for b in dict.fromkeys(backbones or ["default"]):
-        label, sep, rest = b.partition("=")
-        if sep and rest and re.fullmatch(r"[A-Za-z0-9._-]+", label) and not Path(b).exists():
-            parsed.append((label, rest))
-        else:
-            parsed.append((_label(b), b))
-    settings: list[Setting] = []
+    parsed = _labelled(backbones or ["default"])
+    base: list[Setting] = []
     key = cols.features_key
     for feature in dict.fromkeys(features):
         if feature == cols.backbone_kind:
-            settings += [Setting(f"{feature}-{label}", feature, b, key) for label, b in parsed]
+            base += [Setting(f"{feature}-{label}", feature, b, key) for label, b in parsed]
         else:
-            settings.append(Setting(feature, feature, None, key))
+            base.append(Setting(feature, feature, None, key))
+    init_specs: list[tuple[str, str | None]] = [(i, i) if i == "none" else (label, i)
+                                                for label, i in _labelled(inits)] or [("", None)]  # fmt: skip
+    seed_list: list[int | None] = list(dict.fromkeys(seeds)) or [None]
+    settings = [
+        Setting(
+            s.name + (f"-init-{label}" if init else "") + ("" if seed is None else f"-seed{seed}"),
+            s.feature,
+            s.backbone,
+            key,
+            init,
+            seed,
+        )  # fmt: skip
+        for s in base
+        for label, init in init_specs
+        for seed in seed_list
+    ]
     names = [s.name for s in settings]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup is not None:
@@ -261,6 +298,9 @@ def _row(spec: TaskSpec, setting: Setting, metrics: dict, path: Path, reused: bo
     mem = metrics.get("peak_memory") or {}
     return {
         "setting": setting.name,
+        "group": setting.group,
+        "init": setting.init,
+        "seed": setting.seed,
         "features": setting.feature,
         "backbone": setting.backbone,
         "feature_kind": feats.get("kind"),
@@ -292,81 +332,6 @@ def _priors(spec: TaskSpec, rows: list[dict], all_metrics: list[dict]) -> list[d
     return priors
 
 
-def _fmt(v: Any, digits: int = 2) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v).replace("|", "\\|")
-
-
-def _input_cell(row: dict) -> str:
-    size, grid = ("x".join(map(str, row[k] or [])) or "-" for k in ("input_size", "grid_size"))
-    cells = {"grid": f"{size} → {grid}", "regions": "regions", "end2end": f"{size} (pixels)",
-             "views": f"36 views {size}"}  # fmt: skip
-    return cells.get(row["feature_kind"], "-")
-
-
-def markdown(spec: TaskSpec, rows: list[dict], priors: list[dict]) -> str:
-    """The comparison table: accuracies with 2 decimals, samples/s 1, MiB 0, seconds 1."""
-    header = ["setting", "feature kind", "backbone", "input → grid", "channels", *spec.columns,
-              "train samples/s", "peak memory MiB", "seconds"]  # fmt: skip
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for r in rows:
-        mem = r["peak_memory"]
-        mem_cell = "-" if mem["mib"] is None else f"{mem['mib']:.0f} ({mem['kind']})"
-        cells = [r["setting"], r["feature_kind"], r["feature_backbone"], _input_cell(r),
-                 r["channels"], *(r["val"][c] for c in spec.columns),
-                 _fmt(r["train_samples_per_s"], 1), mem_cell, _fmt(r["seconds"], 1)]  # fmt: skip
-        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
-    for p in priors:
-        cells = [p["setting"], "", "", "", "", *(p["val"][c] for c in spec.columns), "", "", ""]
-        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
-    return "\n".join(lines)
-
-
-def plot_png(spec: TaskSpec, rows: list[dict], priors: list[dict]) -> bytes:
-    """Three panels (Agg, no pyplot state): grouped accuracy bars per column with the prior as
-    dashed reference lines, training samples/s, and peak memory per setting."""
-    import io
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    def num(v: Any) -> float:
-        return math.nan if v is None else float(v)
-
-    names = [r["setting"] for r in rows]
-    fig = Figure(figsize=(6 + 1.2 * len(rows) + 1.5 * len(spec.columns), 4.8), layout="constrained")
-    FigureCanvasAgg(fig)
-    acc, speed, mem = fig.subplots(1, 3, gridspec_kw={"width_ratios": [2.2, 1, 1]})
-    width = 0.8 / max(1, len(rows))
-    for i, r in enumerate(rows):
-        xs = [j - 0.4 + width * (i + 0.5) for j in range(len(spec.columns))]
-        acc.bar(xs, [num(r["val"][c]) for c in spec.columns], width, label=r["setting"])
-    for k, p in enumerate(priors):
-        for j, c in enumerate(spec.columns):
-            acc.hlines(num(p["val"][c]), j - 0.45, j + 0.45, colors="black",
-                       linestyles=["--", ":", "-."][k % 3], label=p["setting"] if j == 0 else None)  # fmt: skip
-    acc.set_xticks(range(len(spec.columns)), spec.columns)
-    acc.set_ylabel(f"{spec.cols.split} {spec.cols.unit}")
-    acc.set_title(f"{spec.name}: {spec.cols.split} per setting")
-    acc.legend(fontsize="small")
-    colors = [f"C{i}" for i in range(len(rows))]
-    speed.bar(names, [num(r["train_samples_per_s"]) for r in rows], color=colors)
-    speed.set_ylabel("samples/s")
-    speed.set_title("training throughput")
-    mem.bar(names, [num(r["peak_memory"]["mib"]) for r in rows], color=colors)
-    kinds = sorted({str(r["peak_memory"]["kind"]) for r in rows})
-    mem.set_ylabel(f"MiB ({', '.join(kinds)})")
-    mem.set_title("peak memory")
-    for ax in (speed, mem):
-        ax.tick_params(axis="x", labelrotation=30)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return buf.getvalue()
-
-
 def run_compare(
     task: str,
     features: Sequence[str],
@@ -378,9 +343,12 @@ def run_compare(
     script: str | Path | None = None,
     config: str | None = None,
     rerun: bool = False,
+    inits: Sequence[str] = (),
+    seeds: Sequence[int] = (),
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run (or reuse) every setting, then write OUT/compare.{md,png,json} and print the table.
+    """Run (or reuse) every setting, then write OUT/compare.{md,png,json} and print the table
+    (settings run over several `seeds` as mean ± std).
 
     Returns the compare.json content. Stops at the first failing setting with a CompareError that
     names it, its exit code and its log (OUT/<setting>/compare.log).
@@ -388,7 +356,7 @@ def run_compare(
     path = task_script(task, script)
     spec = _spec(task)
     _check_overrides(overrides, spec.reserved)
-    settings = expand_settings(features, backbones, task)
+    settings = expand_settings(features, backbones, task, inits, seeds)
     clip_kind = spec.cols.backbone_kind
     if clip_kind not in features and list(backbones) not in ([], ["default"]):
         log(f"note: --backbones only applies to {clip_kind}, which is not among --features")
@@ -406,7 +374,8 @@ def run_compare(
         rows.append(_row(spec, s, metrics, run_dir / "metrics.json", reused))
         all_metrics.append(metrics)
     priors = _priors(spec, rows, all_metrics)
-    table = markdown(spec, rows, priors)
+    grouped = aggregate(spec, rows)
+    table = markdown(spec, grouped, priors)
     common = shlex.join((["--config", config] if config else []) + _sets(overrides))
     atomic_write_text(
         out / "compare.md",
@@ -414,9 +383,10 @@ def run_compare(
         f"{spec.cols.unit}, at the best epoch; "
         f"every setting ran {path.name} with the same arguments: `{common or '(none)'}`.\n",
     )
-    atomic_write_bytes(out / "compare.png", plot_png(spec, rows, priors))
-    result = {"task": task, "columns": list(spec.columns), "rows": rows, "prior": priors,
-              "overrides": list(overrides), "launcher": launcher, "script": str(path)}  # fmt: skip
+    atomic_write_bytes(out / "compare.png", plot_png(spec, grouped, priors))
+    result = {"task": task, "columns": list(spec.columns), "rows": rows, "settings": grouped,
+              "prior": priors, "overrides": list(overrides), "launcher": launcher,
+              "script": str(path)}  # fmt: skip
     write_json(out / "compare.json", result)
     log(table)
     log(f"wrote {out / 'compare.md'}, {out / 'compare.png'}, {out / 'compare.json'}")

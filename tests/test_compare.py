@@ -31,6 +31,7 @@ key = (sets["features.kind"], sets.get("backbone", "default"))
 acc = {("clip-grid", "default"): [61.234, 80.5, 40.125, 55.0],
        ("clip-grid", "RN-tiny"): [33.3, 70.0, 10.0, 20.0],
        ("bottomup", "default"): [58.0, 79.0, 38.0, 51.996]}[key]
+acc = [a + int(sets.get("train.seed", 0)) + 10 * ("model.init_from" in sets) for a in acc]
 feats = ({"kind": "grid", "backbone": key[1], "input_size": [64, 96], "grid_size": [2, 3],
           "channels": 256} if key[0] == "clip-grid" else {"kind": "regions", "channels": 2048})
 if sets.get("fake.task") == "snli-ve":
@@ -139,6 +140,38 @@ def test_vqa_table_plot_json_and_reuse(fake: Path, tmp_path: Path, capsys):
         run_compare("vqa", ["bottomup"], [], out, ["train.epochs=2"], **kw)
     run_compare("vqa", ["bottomup"], [], out, ["train.epochs=2"], rerun=True, **kw)
     assert _calls(fake)[-1] == "bottomup" and len(_calls(fake)) == 4
+
+
+def test_inits_times_seeds_give_mean_and_std(fake: Path, tmp_path: Path, capsys):
+    out = tmp_path / "cmp"
+    pre = tmp_path / "vlp" / "final"
+    assert [s.name for s in expand_settings(["clip-grid"], ["default"], "vqa", ["none", f"pre={pre}"],
+                                            [0, 1])] == [
+        "clip-grid-default-init-none-seed0", "clip-grid-default-init-none-seed1",
+        "clip-grid-default-init-pre-seed0", "clip-grid-default-init-pre-seed1"]  # fmt: skip
+    s = expand_settings(["clip-grid"], [], "vqa", [f"pre={pre}"], [2])[0]
+    assert s.group == "clip-grid-default-init-pre" and s.overrides(Path("o")) == [
+        "features.kind=clip-grid", "backbone=default", f"model.init_from={pre}", "train.seed=2",
+        "train.out_dir=o"]  # fmt: skip
+    res = run_compare("vqa", ["clip-grid"], ["default"], out, [], script=fake,
+                      inits=["none", f"pre={pre}"], seeds=[0, 1, 2], log=print)  # fmt: skip
+    assert len(res["rows"]) == 6 and [g["n"] for g in res["settings"]] == [3, 3]
+    # Seeds 0, 1, 2 add 0, 1, 2 points: mean +1, sample std 1; the pretrained start adds 10.
+    none, pretrained = res["settings"]
+    assert none["val"]["overall"] == pytest.approx(62.234) and none["std"]["overall"] == 1.0
+    assert pretrained["val"]["overall"] == pytest.approx(72.234) and pretrained["seeds"] == [
+        0,
+        1,
+        2,
+    ]
+    table = (out / "compare.md").read_text().split("\n\n")[1].splitlines()
+    assert table[0] == HEADER + " runs | overall | yes/no | number | other |" + TAIL
+    assert table[2].startswith("| clip-grid-default-init-none | grid | default | 64x96 → 2x3 | 256 | 3 "
+                               "| 62.23 ± 1.00 | 81.50 ± 1.00 |")  # fmt: skip
+    assert table[3].startswith("| clip-grid-default-init-pre | grid | default | 64x96 → 2x3 | 256 | 3 "
+                               "| 72.23 ± 1.00 |")  # fmt: skip
+    with pytest.raises(CompareError, match="compare sets train.seed itself; use --seeds"):
+        run_compare("vqa", ["clip-grid"], [], out, ["train.seed=3"], script=fake, log=print)
 
 
 def test_snli_ve_table_through_the_cli(fake: Path, tmp_path: Path, capsys):
