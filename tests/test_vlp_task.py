@@ -94,8 +94,8 @@ def test_vqa_and_snli_ve_start_from_final(pretrained, tiny_world: Path, tmp_path
     for key in ("bert.encoder.layer.0.attention.self.query.weight", "pos_x.weight"):
         torch.testing.assert_close(head[key], pre[f"head.{key}"], atol=1e-6, rtol=0)
     a = shared[0]
-    torch.testing.assert_close(head["logit_fc.3.weight"][answers.index(a)],
-                               pre["head.logit_fc.3.weight"][pre_answers.index(a)],
+    torch.testing.assert_close(head["classifier.3.weight"][answers.index(a)],
+                               pre["head.classifier.3.weight"][pre_answers.index(a)],
                                atol=1e-6, rtol=0)  # fmt: skip
     run_task(VETask, _args(tiny_world, tmp_path / "ve", cache, *common))
     assert "0 answers from its QA head" in capsys.readouterr().out  # 3 labels, none shared
@@ -105,3 +105,22 @@ def test_vqa_and_snli_ve_start_from_final(pretrained, tiny_world: Path, tmp_path
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         run_task(VQATask, _args(tiny_world, tmp_path / "y", cache, "model.arch=vlbert",
                                 f"model.init_from={tmp_path}"))  # fmt: skip
+
+
+def test_lora_on_the_pretrained_fusion_transformer(pretrained, tiny_world: Path, tmp_path: Path):
+    out, _, cache = pretrained
+    run = tmp_path / "lora"
+    run_task(VQATask, _args(tiny_world, run, cache, "train.max_steps=2", "model.arch=vlbert",
+                            f"model.init_from={out / 'final'}", "peft.method=lora", "peft.r=2"))  # fmt: skip
+    adapter = load_file(str(run / "best" / "adapter" / "adapter_model.safetensors"))
+    lora = {k.split(".lora_")[0] for k in adapter if ".lora_" in k}
+    # Attention and feed-forward linears of the transformer carry adapters...
+    for part in ("attention.self.query", "attention.self.value", "intermediate.dense",
+                 "output.dense"):  # fmt: skip
+        assert any(part in k for k in lora), part
+    # ...the new answer layer trains in full (saved whole), the embeddings stay frozen.
+    assert any(k.endswith("head.classifier.3.weight") for k in adapter)
+    assert not any("classifier" in k for k in lora)
+    assert not any("word_embeddings" in k for k in adapter)
+    model, *_ = load_trained(run / "best")  # merged weights load into the plain head
+    assert type(model.head).__name__ == "VLBert"

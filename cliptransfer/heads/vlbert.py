@@ -7,7 +7,8 @@ embeddings of the cell's position; the position comes from the cell's normalised
 `grid_size` buckets per axis, so a 5x7 CLIP grid gets one bucket per cell and BottomUp regions
 (the same `(features, mask, spatial)` interface as the other heads) get their centre's.
 Padding cells are masked out of attention (CLIP-ViL_p attended to them). The task output is
-LXMERT's `logit_fc` (Linear - GeLU - LayerNorm - Linear) on the pooled [SOT] state.
+LXMERT's `logit_fc` (Linear - GeLU - LayerNorm - Linear; `classifier` here, the name the PEFT
+presets train in full) on the pooled [SOT] state.
 
 `bert` names a local Hugging Face BERT folder (real data): its config sizes the transformer and
 its weights initialise it; the word vocabulary is then the folder's tokenizer's.
@@ -89,7 +90,7 @@ class VLBert(nn.Module):
         self.visual_proj = nn.Sequential(nn.Linear(visual_dim, h), nn.LayerNorm(h))
         self.pos_x = nn.Embedding(cfg.grid_size, h)
         self.pos_y = nn.Embedding(cfg.grid_size, h)
-        self.logit_fc = answer_mlp(h, num_outputs)
+        self.classifier = answer_mlp(h, num_outputs)
 
     @property
     def hidden(self) -> int:
@@ -119,7 +120,7 @@ class VLBert(nn.Module):
         return out.last_hidden_state, out.pooler_output
 
     def forward(self, features, mask, text_ids, text_mask, spatial) -> torch.Tensor:
-        return self.logit_fc(self.encode(features, mask, text_ids, text_mask, spatial)[1])
+        return self.classifier(self.encode(features, mask, text_ids, text_mask, spatial)[1])
 
 
 @register_head("vlbert")

@@ -4,8 +4,9 @@ losses as named terms.
 - MLM: BERT's prediction head (Linear - GeLU - LayerNorm, then the word embeddings transposed
   plus a bias) on every text position (as LXMERT); loss on the masked positions only.
 - ITM: Linear(H, 2) on the pooled state (LXMERT's `seq_relationship`).
-- QA: the head's own answer MLP (`logit_fc`) over the pretraining answer table, so fine-tuning
-  VQA starts from it for the answers both tables share (`cliptransfer.vlp.transfer`).
+- QA: the head's own answer MLP (`classifier`, LXMERT's `logit_fc`) over the pretraining
+  answer table, so fine-tuning VQA starts from it for the answers both tables share
+  (`cliptransfer.vlp.transfer`).
 
 The MLM and QA terms are token/item means over the *global* batch (`mlm_loss` divides the local
 sum by the gathered count), so they are exact across processes; ITM is a mean over every item.
@@ -43,7 +44,7 @@ class VLPHead(VLBert):
         words = self.bert.embeddings.word_embeddings.weight  # (V, H), tied as in BERT
         text = self.mlm_transform(states[:, : text_ids.shape[1]])  # (B, L, H)
         return {"mlm": text @ words.t() + self.mlm_bias, "itm": self.itm(pooled),
-                "qa": self.logit_fc(pooled)}  # fmt: skip
+                "qa": self.classifier(pooled)}  # fmt: skip
 
 
 def vlp_losses(out: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor],

@@ -21,7 +21,7 @@ from cliptransfer.tasks.vqa.answers import load_answer_vocab
 __all__ = ["load_pretrained_head"]
 
 _PRETRAIN_ONLY = ("mlm_transform.", "mlm_bias", "itm.")
-_OUTPUT = "logit_fc.3."  # the answer MLP's last Linear
+_OUTPUT = "classifier.3."  # the answer MLP's last Linear
 
 
 def load_pretrained_head(head: nn.Module, folder: str | Path,
@@ -50,7 +50,7 @@ def load_pretrained_head(head: nn.Module, folder: str | Path,
     shared = 0
     if answers is not None and (folder / "answers.json").is_file():
         pre = {a: i for i, a in enumerate(load_answer_vocab(folder / "answers.json"))}
-        layer = head.logit_fc[3]
+        layer = head.classifier[3]
         with torch.no_grad():
             for i, answer in enumerate(answers):
                 if answer in pre:
