@@ -21,12 +21,13 @@ def test_default_clip_beats_its_random_init_zero_shot(tiny_world):
     torch.manual_seed(0)
     random = create_clip(model.config)
     base = evaluate_clip(acc, random, tok, None, classify, model.image_size)["zeroshot"]
-    # The packaged CLIP (96 px, Shapes scenes + object regions + house views) on `small`:
-    # colour 100 %, shape 49.8 % (chance 12.5 / 16.7); the tiny world's 48 images agree.
+    # The packaged CLIP (96 px, Shapes scenes + sharp object regions + house views) on `small`:
+    # colour 99.6 %, shape 63.1 % (chance 12.5 / 16.7); the tiny world's 48 images agree.
     assert trained["color"]["top1"] >= 90 and base["color"]["top1"] <= 30
     assert trained["shape"]["top1"] >= base["shape"]["top1"] + 15
     recorded = json.loads((DEFAULT_CLIP / "metrics.json").read_text())
-    assert recorded["trained"]["zeroshot"]["shape"]["top1"] > 45
+    assert recorded["trained"]["zeroshot"]["shape"]["top1"] > 60  # the targets
+    assert recorded["trained"]["zeroshot"]["color"]["top1"] > 80
     assert recorded["trained"]["retrieval"]["mean_recall"] > 3 * recorded[
         "previous_asset_clip_rn_tiny_shapes"]["retrieval"]["mean_recall"]  # fmt: skip
 
