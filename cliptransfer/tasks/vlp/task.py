@@ -70,7 +70,8 @@ class VLPConfig(VLTaskConfig):
         default_factory=lambda: HeadConfig(arch="vlbert", vlbert=VLBertConfig())
     )
     optim: OptimConfig = field(
-        default_factory=lambda: OptimConfig(lr=5e-4, weight_decay=0.01, warmup_steps=100)
+        # lr 2e-3: held-out MLM 41 % at 5e-4 -> 75 % in the same 4 epochs (Shapes default)
+        default_factory=lambda: OptimConfig(lr=2e-3, weight_decay=0.01, warmup_steps=100)
     )
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/vlp", epochs=4))
 
