@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from cliptransfer.config import check_range
+from cliptransfer.config import check, check_range
 from cliptransfer.heads.registry import register_head
 
 if TYPE_CHECKING:
@@ -46,12 +46,8 @@ class VLBertConfig:
         for name in ("hidden", "layers", "heads", "intermediate", "max_text", "grid_size"):
             check_range(name, getattr(self, name), gt=0)
         check_range("dropout", self.dropout, ge=0, lt=1)
-        if self.hidden % self.heads:
-            from cliptransfer.config import ConfigError
-
-            raise ConfigError(
-                f"hidden: must be a multiple of heads={self.heads}, got {self.hidden}"
-            )
+        check(self.hidden % self.heads == 0, "hidden", f"must be a multiple of heads={self.heads}",
+              self.hidden)  # fmt: skip
 
 
 def answer_mlp(hidden: int, num_outputs: int) -> nn.Sequential:

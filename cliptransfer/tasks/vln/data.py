@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from cliptransfer.config import ConfigError, check_range
+from cliptransfer.config import ConfigError, check, check_range
 from cliptransfer.nav.episodes import Episode, check_episodes, load_r2r, load_rxr
 from cliptransfer.nav.graph import NavGraph, load_graphs
 
@@ -55,9 +55,8 @@ class VLNDataConfig:
     def __post_init__(self) -> None:
         if self.dataset not in ("r2r", "rxr"):
             raise ConfigError(f"dataset: 'r2r' or 'rxr', got {self.dataset!r}")
-        if self.feature_dtype not in FEATURE_DTYPES:
-            raise ConfigError(f"feature_dtype: one of {sorted(FEATURE_DTYPES)}, got "
-                              f"{self.feature_dtype!r}")  # fmt: skip
+        check(self.feature_dtype in FEATURE_DTYPES, "feature_dtype",
+              f"one of {sorted(FEATURE_DTYPES)}", self.feature_dtype)  # fmt: skip
         check_range("vocab_size", self.vocab_size, gt=0)
         check_range("max_eval", self.max_eval, ge=0)
         check_range("feature_norm", self.feature_norm, ge=0)
