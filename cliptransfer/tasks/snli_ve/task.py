@@ -33,7 +33,7 @@ from cliptransfer.tasks.snli_ve.metric import (
     snli_ve_accuracy,
 )
 from cliptransfer.tasks.vl_model import load_best_model, read_meta, task_model
-from cliptransfer.tasks.vqa.data import check_available
+from cliptransfer.tasks.vqa.data import with_image_files
 
 __all__ = ["VEConfig", "VETask", "load_trained"]
 
@@ -119,15 +119,8 @@ class VETask(VLTask):
         images, skip = self.files.images, self.cfg.data.skip_missing
         if not images:
             raise ConfigError("data.images (the flickr30k_images folder) is needed")
-        paths: dict[Any, Path] = {}
-        for name, split in splits.items():
-            where = {i: flickr_image_path(images, i) for i in split.image_ids()}
-            splits[name] = check_available(
-                split, lambda i, w=where: w[i].is_file(), f"image folder {images}", skip,
-                "missing_image", describe=lambda i, w=where: f"expected {w[i]}",
-            )  # fmt: skip
-            paths.update({i: where[i] for i in splits[name].image_ids()})
-        return splits, paths
+        return with_image_files(splits, lambda split, i: flickr_image_path(images, i),
+                                f"image folder {images}", skip)  # fmt: skip
 
     def dataset(self, split: Any) -> VEDataset:
         return VEDataset(split, self.tokenizer, self.side.inputs)

@@ -30,7 +30,7 @@ from cliptransfer.heads.vlbert import VLBertConfig
 from cliptransfer.tasks.common import VLTask, VLTaskConfig, markdown_table
 from cliptransfer.tasks.vl_model import save_best_dir
 from cliptransfer.tasks.vqa.answers import save_answer_vocab
-from cliptransfer.tasks.vqa.data import check_available
+from cliptransfer.tasks.vqa.data import with_image_files
 from cliptransfer.vlp.corpus import build_shapes_vlp_corpus, load_lxmert
 from cliptransfer.vlp.data import (
     MLMVocab,
@@ -128,18 +128,15 @@ class VLPTask(VLTask):
     def image_files(self, splits: dict[str, Any]) -> tuple[dict[str, Any], dict[Any, Path]]:
         if self.images is None:
             raise ConfigError("data.images (the COCO image root) is needed to extract grids")
-        paths: dict[Any, Path] = {}
-        for name, split in splits.items():
-            where = {}
-            for s in split.examples:
-                subset = s.img_id.split("_")[1] if s.img_id.startswith("COCO_") else ""
-                where[image_key(s.img_id)] = self.images / subset / f"{s.img_id}.jpg"
-            splits[name] = check_available(
-                split, lambda i, w=where: w[i].is_file(), f"image folder {self.images}",
-                self.cfg.data.skip_missing, "missing_image", describe=lambda i, w=where: f"expected {w[i]}",
-            )  # fmt: skip
-            paths.update({i: where[i] for i in splits[name].image_ids()})
-        return splits, paths
+        img_ids = {image_key(s.img_id): s.img_id for sp in splits.values() for s in sp.examples}
+
+        def locate(split: VLPSplit, key: int | str) -> Path:
+            img_id = img_ids[key]  # COCO_<subset>_<id> lives in <root>/<subset>/
+            subset = img_id.split("_")[1] if img_id.startswith("COCO_") else ""
+            return self.images / subset / f"{img_id}.jpg"
+
+        return with_image_files(splits, locate, f"image folder {self.images}",
+                                self.cfg.data.skip_missing)  # fmt: skip
 
     def dataset(self, split: VLPSplit) -> VLPDataset:
         train = split is self._train_split()

@@ -32,6 +32,7 @@ __all__ = [
     "load_vqa",
     "prior_results",
     "with_coco_images",
+    "with_image_files",
 ]
 
 
@@ -246,21 +247,32 @@ def check_available(
     return out
 
 
+def with_image_files(
+    splits: dict[str, Any], locate: Callable[[Any, Any], Path], where: str, skip_missing: bool
+) -> tuple[dict[str, Any], dict[Any, Path]]:
+    """`splits` without the examples whose image file `locate(split, image_id)` is missing
+    (`skip_missing`, counted as "missing_image") or an error naming them and `where`, and the
+    image id -> file map of the rest. Any split with `image_ids()` / `without_images()`."""
+    out, paths = {}, {}
+    for name, split in splits.items():
+        files = {i: locate(split, i) for i in split.image_ids()}
+        split = check_available(
+            split, lambda i, f=files: f[i].is_file(), where, skip_missing, "missing_image",
+            describe=lambda i, f=files: f"expected {f[i]}",
+        )  # fmt: skip
+        out[name] = split
+        paths.update({i: files[i] for i in split.image_ids()})
+    return out, paths
+
+
 def with_coco_images(
     splits: dict[str, VQASplit], images: str | Path, skip_missing: bool
 ) -> tuple[dict[str, VQASplit], dict[int, Path]]:
-    """`splits` without the questions whose COCO image file is missing (`skip_missing`, counted
-    as "missing_image") or an error naming them, and the image id -> file map of the rest."""
-    out, paths = {}, {}
-    for name, split in splits.items():
-        where = {i: coco_image_path(images, split.data_subtype, i) for i in split.image_ids()}
-        split = check_available(
-            split, lambda i, w=where: w[i].is_file(), f"image folder {images}", skip_missing,
-            "missing_image", describe=lambda i, w=where: f"expected {w[i]}",
-        )  # fmt: skip
-        out[name] = split
-        paths.update({i: where[i] for i in split.image_ids()})
-    return out, paths
+    """`with_image_files` for COCO layouts (`coco_image_path` of each question file's subset)."""
+    return with_image_files(
+        splits, lambda split, i: coco_image_path(images, split.data_subtype, i),
+        f"image folder {images}", skip_missing,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- answer prior
