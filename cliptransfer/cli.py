@@ -180,7 +180,8 @@ def _import_regions(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from cliptransfer.compare import run_compare, split_list
+    from cliptransfer.compare import run_compare
+    from cliptransfer.config import split_list
     from cliptransfer.engine.task import registered
 
     kinds = registered()[args.task].compare.feature_kinds
@@ -201,7 +202,8 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _seeds(text: str | None) -> list[int]:
-    from cliptransfer.compare import CompareError, split_list
+    from cliptransfer.compare import CompareError
+    from cliptransfer.config import split_list
 
     try:
         return [int(x) for x in split_list(text or "")]

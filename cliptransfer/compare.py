@@ -116,11 +116,6 @@ class Setting:
         return [*out, f"train.out_dir={run_dir}"]
 
 
-def split_list(text: str) -> list[str]:
-    """`a,b, c` -> ["a", "b", "c"] (empty items dropped)."""
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
 def _label(spec: str) -> str:
     """A folder-safe name for a backbone: an arch name as it is, a path by its last two parts
     (`runs/pretrain/final` -> `pretrain_final`, since `final` alone says little)."""

@@ -33,6 +33,11 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the config's dataclass."""
 
 
+def split_list(text: str) -> list[str]:
+    """`a,b, c` -> ["a", "b", "c"] (empty items dropped): comma-list settings and flags."""
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 def check(ok: bool, field: str, requirement: str, value: Any) -> None:
     """Raise ConfigError("field: requirement, got value") unless `ok` (for range checks)."""
     if not ok:

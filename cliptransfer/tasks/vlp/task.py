@@ -19,7 +19,7 @@ import torch
 import yaml
 from torch import nn
 
-from cliptransfer.config import ConfigError, check_range, to_dict
+from cliptransfer.config import ConfigError, check_range, split_list, to_dict
 from cliptransfer.engine.config import TrainConfig
 from cliptransfer.engine.evaluation import predict
 from cliptransfer.engine.optim import OptimConfig
@@ -76,10 +76,6 @@ class VLPConfig(VLTaskConfig):
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/vlp", epochs=4))
 
 
-def _files(spec: str) -> list[Path]:
-    return [Path(p) for p in spec.split(",") if p.strip()]
-
-
 @register_task("vlp", config=VLPConfig, launcher="pretrain/vl.py")
 class VLPTask(VLTask):
     tracker = "vlp"
@@ -107,11 +103,14 @@ class VLPTask(VLTask):
             train, val = [corpus / "mscoco_train.json"], [corpus / "mscoco_minival.json"]
             self.images = Path(d.images) if d.images else world / "images"
         else:
-            train, val = _files(d.train), _files(d.val)
+            train, val = (
+                [Path(p) for p in split_list(d.train)],
+                [Path(p) for p in split_list(d.val)],
+            )
             if not val:
                 raise ConfigError("data.val: held-out LXMERT files are needed with data.train")
             self.images = Path(d.images) if d.images else None
-        sources = [s for s in d.sources.split(",") if s.strip()] or None
+        sources = split_list(d.sources) or None
         splits = {
             "train": VLPSplit(",".join(map(str, train)),
                               [s for f in train for s in load_lxmert(f, sources)]),
