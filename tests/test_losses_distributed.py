@@ -8,12 +8,8 @@ on both ranks and equal to the single-process queue.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from cliptransfer.contrastive.losses import (
@@ -121,29 +117,12 @@ def run_objectives() -> dict[str, torch.Tensor]:
     return out
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)  # 2 ranks on a shared 2-core machine
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.save(run_objectives(), Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def test_two_processes_equal_one(tmp_path: Path):
+def test_two_processes_equal_one(fork_ranks):
     # Reference first, in this process (torch.distributed not initialised -> world 1). It also
     # warms up the lazy imports (torch.utils.checkpoint pulls in torch._dynamo), so the forked
-    # ranks start at once: "fork" instead of "spawn" saves two fresh torch imports (~10 s).
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this pytest process")
+    # ranks start at once.
     single = run_objectives()
-    mp.start_processes(
-        _worker,
-        args=(WORLD, str(tmp_path / "store"), str(tmp_path)),
-        nprocs=WORLD,
-        start_method="fork",
-    )
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    ranks = fork_ranks(run_objectives, WORLD)
 
     assert set(ranks[0]) == set(single)
     for key, ref in single.items():

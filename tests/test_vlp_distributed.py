@@ -4,12 +4,8 @@ match one process on the whole batch, with uneven masked-token and QA counts per
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from cliptransfer.engine.distributed import world_info
 from cliptransfer.heads.vlbert import VLBertConfig
@@ -61,22 +57,9 @@ def run_objectives() -> dict[str, torch.Tensor]:
     return result
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.save(run_objectives(), Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def test_two_processes_equal_one(tmp_path: Path):
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this pytest process")
+def test_two_processes_equal_one(fork_ranks):
     single = run_objectives()
-    mp.start_processes(_worker, args=(WORLD, str(tmp_path / "store"), str(tmp_path)),
-                       nprocs=WORLD, start_method="fork")  # fmt: skip
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    ranks = fork_ranks(run_objectives, WORLD)
     assert set(single) >= {"loss", "mlm", "itm", "qa"} and set(ranks[0]) == set(single)
     for key, ref in single.items():
         for r, res in enumerate(ranks):
