@@ -202,9 +202,10 @@ class VLTask(EvalOnlyTask):
         )
         return self.score_results(split, got)
 
-    def save_best(self, folder: Path, model: nn.Module, best: dict, results: Any) -> None:
-        meta = {"visual_dim": self.side.dim, **self.meta(), "features": self.side.info}
-        meta.update(epoch=best["epoch"], step=best["step"], val=best["val"])
+    def save_model(self, folder: Path, model: nn.Module, **meta: Any) -> None:
+        """A model folder (best/, V&L pretraining's final/): weights (+ adapter/), config.yaml,
+        tokenizer/, meta.json (`meta` added) and the task's `best_files`."""
+        meta = {"visual_dim": self.side.dim, **self.meta(), "features": self.side.info, **meta}
         files = {
             "config.yaml": yaml.safe_dump(to_dict(self.cfg), sort_keys=False),
             "tokenizer": self.tokenizer.save,
@@ -212,6 +213,9 @@ class VLTask(EvalOnlyTask):
             **self.best_files(),
         }
         save_best_dir(folder, model, self.cfg.peft, files)
+
+    def save_best(self, folder: Path, model: nn.Module, best: dict, results: Any) -> None:
+        self.save_model(folder, model, epoch=best["epoch"], step=best["step"], val=best["val"])
         self.run.write_json("results_val.json", results)
 
     def load_best(self) -> nn.Module:

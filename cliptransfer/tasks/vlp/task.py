@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
-from cliptransfer.config import ConfigError, check_range, split_list, to_dict
+from cliptransfer.config import ConfigError, check_range, split_list
 from cliptransfer.engine.config import TrainConfig
 from cliptransfer.engine.evaluation import predict
 from cliptransfer.engine.optim import OptimConfig
@@ -28,7 +27,6 @@ from cliptransfer.heads.model import HeadConfig
 from cliptransfer.heads.question import QuestionConfig
 from cliptransfer.heads.vlbert import VLBertConfig
 from cliptransfer.tasks.common import VLTask, VLTaskConfig, markdown_table
-from cliptransfer.tasks.vl_model import save_best_dir
 from cliptransfer.tasks.vqa.answers import save_answer_vocab
 from cliptransfer.tasks.vqa.data import with_image_files
 from cliptransfer.vlp.corpus import build_shapes_vlp_corpus, load_lxmert
@@ -80,7 +78,6 @@ class VLPConfig(VLTaskConfig):
 class VLPTask(VLTask):
     tracker = "vlp"
     collate_fn = staticmethod(collate_vlp)
-    id_key = "index"
     evaluate_every_epoch = False  # held-out MLM / ITM once before and once after training
 
     @classmethod
@@ -138,12 +135,15 @@ class VLPTask(VLTask):
                                 self.cfg.data.skip_missing)  # fmt: skip
 
     def dataset(self, split: VLPSplit) -> VLPDataset:
-        train = split is self._train_split()
         return VLPDataset(split.examples, self.tokenizer, MLMVocab.of(self.tokenizer), self.side.inputs,
-                          self.ans2label, self.cfg.data, seed=self.cfg.train.seed, train=train)  # fmt: skip
+                          self.ans2label, self.cfg.data, seed=self.cfg.train.seed,
+                          train=split is self.splits.get("train"))  # fmt: skip
 
-    def _train_split(self) -> VLPSplit | None:
-        return getattr(self, "splits", {}).get("train")
+    def meta(self) -> dict[str, Any]:
+        return {"answers": len(self.answers), "pretrain": "vlp"}
+
+    def best_files(self) -> dict[str, Any]:
+        return {"answers.json": lambda path: save_answer_vocab(self.answers, path)}
 
     def num_outputs(self) -> int:
         return max(len(self.answers), 1)
@@ -200,13 +200,7 @@ class VLPTask(VLTask):
 
     def report(self, result: Any) -> dict[str, Any]:
         if self.run.is_main:
-            model = self.run.accelerator.unwrap_model(self.model)
-            meta = {"visual_dim": self.side.dim, "features": self.side.info, "answers": len(self.answers),
-                    "pretrain": "vlp"}  # fmt: skip
-            files = {"config.yaml": yaml.safe_dump(to_dict(self.cfg), sort_keys=False),
-                     "tokenizer": self.tokenizer.save, "meta.json": meta,
-                     "answers.json": lambda path: save_answer_vocab(self.answers, path)}  # fmt: skip
-            save_best_dir(self.run.out / "final", model, self.cfg.peft, files)
+            self.save_model(self.run.out / "final", self.run.accelerator.unwrap_model(self.model))
         self.run.accelerator.wait_for_everyone()
         report = {**self.base_report(), "steps": result.steps, "samples_seen": result.samples_seen,
                   "untrained": getattr(self, "initial", None), "pretrained": result.final}  # fmt: skip
