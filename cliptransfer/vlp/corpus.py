@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cliptransfer.fileio import read_json, write_json
-from cliptransfer.tasks.vqa.answers import normalize_answer_for_vocab, soft_score
+from cliptransfer.tasks.vqa.answers import answer_scores
 from cliptransfer.worlds.prepare import prepare_atomically
 
 __all__ = [
@@ -116,11 +116,7 @@ def to_lxmert(sentences: Sequence[VLPSentence]) -> list[dict]:
 
 def _vqa_labels(answers: list[dict]) -> dict[str, float]:
     """The soft answer table of one VQA annotation (answers normalised as the vocab's)."""
-    counts: dict[str, int] = {}
-    for a in answers:
-        key = normalize_answer_for_vocab(a["answer"])
-        counts[key] = counts.get(key, 0) + 1
-    return {a: soft_score(c) for a, c in sorted(counts.items())}
+    return dict(sorted(answer_scores([a["answer"] for a in answers]).items()))
 
 
 def build_shapes_vlp_corpus(

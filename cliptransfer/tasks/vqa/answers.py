@@ -104,11 +104,17 @@ def answer_targets(
     docstring asks for preprocessed ones; pass ``normalize=False`` to reproduce that.
     """
     labels, scores = [], []
-    for a, c in _count(answers, normalize).items():
+    for a, score in answer_scores(answers, normalize=normalize).items():
         if a in ans2label:
             labels.append(ans2label[a])
-            scores.append(soft_score(c))
+            scores.append(score)
     return labels, scores
+
+
+def answer_scores(answers: Sequence[str], *, normalize: bool = True) -> dict[str, float]:
+    """The soft score of every distinct answer of one question, before any vocabulary (an
+    LXMERT `labelf` table); `normalize` as in `answer_targets`."""
+    return {a: soft_score(c) for a, c in _count(answers, normalize).items()}
 
 
 def dense_answer_target(
