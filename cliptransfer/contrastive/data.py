@@ -30,6 +30,9 @@ class PairDataConfig:
     classify: str = ""
     image: ImageAugConfig = field(default_factory=ImageAugConfig)
     second_view: bool = False  # SLIP/DeCLIP: a second, strongly augmented view
+    # SLIP under loss.recipe=reference: a third view (`image_view2`, augmented like the second);
+    # CLIP then sees the base view and SimCLR the two others.
+    third_view: bool = False
     view: ImageAugConfig = field(
         default_factory=lambda: ImageAugConfig(scale=(0.5, 1.0), color_jitter=0.4, blur_prob=0.5)
     )
@@ -140,6 +143,8 @@ class PairDataset(Dataset):
                 generator=g,
             )
             item["mlm_input"], item["mlm_labels"] = masked, labels
+        if cfg.third_view:  # drawn last, so every other field is the same with or without it
+            item["image_view2"] = augment_image(img, cfg.view, g)
         return item
 
 

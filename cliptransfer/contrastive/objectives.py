@@ -4,20 +4,28 @@ A method is just a set of term weights (`METHODS`); `ContrastiveModel` owns the 
 heads those terms need (SimCLR projector, SimSiam head, MLM head, SigLIP bias, the DeCLIP queue),
 computes every term with a nonzero weight in `forward`, and returns them all for logging. Keeping
 heads and queue inside one module means DDP wraps them together and checkpoints include them.
+
+`loss.recipe` picks the model around the losses: "default" (this module's forward, with the
+deliberate fixes: FILIP padding masked, one exact cross-rank NNS queue) or "reference" (the
+Sense-GVT/DeCLIP model-level choices, `cliptransfer.contrastive.reference`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cliptransfer.config import ConfigError, check, check_range
-from cliptransfer.contrastive.losses.clip import clip_loss
+from cliptransfer.contrastive.losses.clip import (
+    CLIP_LOGIT_SCALE_INIT,
+    clamp_logit_scale_,
+    clip_loss,
+)
 from cliptransfer.contrastive.losses.declip import (
     FeatureQueue,
     SimSiamHead,
@@ -29,6 +37,15 @@ from cliptransfer.contrastive.losses.declip import (
 from cliptransfer.contrastive.losses.filip import filip_loss
 from cliptransfer.contrastive.losses.siglip import siglip_loss
 from cliptransfer.contrastive.losses.slip import simclr_loss
+from cliptransfer.contrastive.reference import (
+    REFERENCE_DENSE_DIM,
+    REFERENCE_LOG_SCALE_BOUNDS,
+    REFERENCE_QUEUE_SIZE,
+    REFERENCE_SIMCLR_HIDDEN,
+    clamp_reference_scales_,
+    reference_forward,
+    vision_feature_width,
+)
 
 # Term weights per method (DeCLIP paper / Sense-GVT benchmark defaults).
 METHODS: dict[str, dict[str, float]] = {
@@ -45,14 +62,17 @@ TERMS = ("clip", "simclr", "mvs", "simsiam", "mlm", "nns", "filip", "siglip")
 @dataclass
 class LossConfig:
     method: str = "clip"
+    # "reference": Sense-GVT/DeCLIP's model-level choices (cliptransfer/contrastive/reference.py)
+    recipe: Literal["default", "reference"] = "default"
     weights: dict[str, float] = field(default_factory=dict)  # per-term overrides of the preset
     logit_scale_max: float = 100.0  # OpenAI's clamp of exp(logit_scale)
     logit_scale_min: float | None = None  # DeCLIP-style floor (None: no floor)
     simclr_temperature: float = 0.1
     simclr_dim: int = 256
+    simclr_hidden: int | None = None  # SimCLR MLP width; None: 4 * simclr_dim, reference 4096
     simsiam_proj_dim: int = 1024
     simsiam_pred_dim: int = 512
-    queue_size: int = 4096
+    queue_size: int | None = None  # NNS queue entries; None: 4096, reference 65,536
     filip_chunk: int = 64
     filip_token_keep: float = 1.0  # FILIP token selection (0.25 in the paper)
     siglip_chunk: int | None = None
@@ -68,11 +88,29 @@ class LossConfig:
         check_range("logit_scale_max", self.logit_scale_max, gt=0)
         check_range("logit_scale_min", self.logit_scale_min, gt=0, le=self.logit_scale_max)
         check_range("simclr_temperature", self.simclr_temperature, gt=0)
-        for name in ("simclr_dim", "simsiam_proj_dim", "simsiam_pred_dim", "queue_size"):
+        check(self.recipe in ("default", "reference"), "recipe", "must be default or reference",
+              self.recipe)  # fmt: skip
+        reference = self.recipe == "reference"
+        # Resolved here, so the saved config names the sizes a run really used.
+        if self.queue_size is None:
+            self.queue_size = REFERENCE_QUEUE_SIZE if reference else 4096
+        if self.simclr_hidden is None:
+            self.simclr_hidden = REFERENCE_SIMCLR_HIDDEN if reference else 4 * self.simclr_dim
+        for name in ("simclr_dim", "simclr_hidden", "simsiam_proj_dim", "simsiam_pred_dim",
+                     "queue_size"):  # fmt: skip
             check_range(name, getattr(self, name), ge=1)
         check_range("filip_chunk", self.filip_chunk, ge=1)
         check_range("filip_token_keep", self.filip_token_keep, gt=0, le=1)
         check_range("siglip_chunk", self.siglip_chunk, ge=1)
+        if reference:
+            # The reference keeps 16 tokens of its own; a fraction on top would be neither.
+            check(self.filip_token_keep == 1, "filip_token_keep",
+                  "must be 1 with recipe=reference (it keeps 16 tokens by itself)",
+                  self.filip_token_keep)  # fmt: skip
+            low = math.exp(REFERENCE_LOG_SCALE_BOUNDS[0])
+            check(self.logit_scale_max >= low, "logit_scale_max",
+                  f"must be >= exp(3) = {low:.2f} with recipe=reference (its floor)",
+                  self.logit_scale_max)  # fmt: skip
 
 
 def resolve_weights(cfg: LossConfig) -> dict[str, float]:
@@ -101,10 +139,15 @@ class ContrastiveModel(nn.Module):
         self.clip, self.cfg = clip, cfg
         self.weights = resolve_weights(cfg)
         dim = clip.config.embed_dim
-        if "simclr" in self.weights:  # SLIP's 3-layer MLP projector on image embeddings
-            hidden = 4 * cfg.simclr_dim
+        reference = cfg.recipe == "reference"
+        # The reference feeds SimCLR and FILIP the tower's pre-projection width, and predicts
+        # MLM from the text width (see reference.py); the default works in the joint space.
+        vision_width = vision_feature_width(clip.visual) if reference else dim
+        text_width = clip.config.text.width if reference else dim
+        if "simclr" in self.weights:  # SLIP's 3-layer MLP projector
+            hidden = cfg.simclr_hidden
             self.simclr_head = nn.Sequential(
-                nn.Linear(dim, hidden),
+                nn.Linear(vision_width, hidden),
                 nn.BatchNorm1d(hidden),
                 nn.ReLU(inplace=True),
                 nn.Linear(hidden, hidden),
@@ -115,9 +158,13 @@ class ContrastiveModel(nn.Module):
         if "simsiam" in self.weights:
             self.simsiam_head = SimSiamHead(dim, cfg.simsiam_proj_dim, cfg.simsiam_pred_dim)
         if "mlm" in self.weights:
-            self.mlm_head = nn.Linear(dim, clip.config.text.vocab_size)
-        if "nns" in self.weights:
-            self.queue = FeatureQueue(cfg.queue_size, dim)
+            self.mlm_head = nn.Linear(text_width, clip.config.text.vocab_size)
+        if "nns" in self.weights:  # the reference's queue is per rank
+            self.queue = FeatureQueue(cfg.queue_size, dim, gather=not reference)
+        if "filip" in self.weights and reference:  # token maps and FILIP's own temperature
+            self.image_mapping = nn.Linear(vision_width, REFERENCE_DENSE_DIM)
+            self.text_mapping = nn.Linear(text_width, REFERENCE_DENSE_DIM)
+            self.logit_scale_dense = nn.Parameter(torch.tensor(CLIP_LOGIT_SCALE_INIT))
         if "siglip" in self.weights:
             # SigLIP's init: t' = log 10, b = -10 (Zhai et al. 2023).
             with torch.no_grad():
@@ -125,6 +172,8 @@ class ContrastiveModel(nn.Module):
             self.logit_bias = nn.Parameter(torch.tensor(-10.0))
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if self.cfg.recipe == "reference":
+            return reference_forward(self, batch)
         w, cfg, clip = self.weights, self.cfg, self.clip
         scale = clip.logit_scale.exp()
         image, text = batch["image"], batch["text"]  # (B, 3, S, S), (B, L)
@@ -175,3 +224,13 @@ class ContrastiveModel(nn.Module):
             for t in txt_views:
                 self.queue.enqueue(F.normalize(t.detach(), dim=-1))
         return torch.stack(losses).mean()
+
+
+def clamp_logit_scales_(model: nn.Module, cfg: LossConfig) -> None:
+    """The solver's clamp after each optimizer step: exp(logit_scale) into [logit_scale_min,
+    logit_scale_max] by default; the reference's [3, 6] on the log scale(s) with recipe=reference.
+    `model` is a ContrastiveModel (or a PEFT wrapper of one)."""
+    if cfg.recipe == "reference":
+        clamp_reference_scales_(model, cfg)
+    else:
+        clamp_logit_scale_(model.clip.logit_scale, cfg.logit_scale_max, cfg.logit_scale_min)

@@ -247,16 +247,19 @@ class FeatureQueue(nn.Module):
 
     features (size, dim) start as seeded random unit vectors (as lightly's memory bank does),
     so every rank starts from the same queue; `enqueue` stores the features gathered from all
-    ranks, so the queues stay identical on every rank.
+    ranks, so the queues stay identical on every rank. `gather=False` keeps the reference's
+    per-rank queue instead (each rank enqueues only its own rows, so the queues, and the NNS
+    loss after the first step, depend on the number of processes).
     """
 
     features: torch.Tensor
     ptr: torch.Tensor
 
-    def __init__(self, size: int, dim: int, seed: int = 0) -> None:
+    def __init__(self, size: int, dim: int, seed: int = 0, gather: bool = True) -> None:
         super().__init__()
         if size < 1 or dim < 1:
             raise ValueError(f"FeatureQueue: size and dim must be >= 1, got {size}, {dim}")
+        self.gather = gather
         gen = torch.Generator().manual_seed(seed)
         init = F.normalize(torch.randn(size, dim, generator=gen), dim=-1)
         self.register_buffer("features", init)  # (K, D)
@@ -279,9 +282,11 @@ class FeatureQueue(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, x: torch.Tensor) -> None:
-        """Append the (normalised) rows of x gathered from all ranks, overwriting the oldest."""
+        """Append the (normalised) rows of x gathered from all ranks (only this rank's with
+        `gather=False`), overwriting the oldest."""
         self._check(x, "enqueue")
-        new = F.normalize(gather_no_grad(x).to(self.features.dtype), dim=-1)  # (world*B, D)
+        rows = gather_no_grad(x) if self.gather else x  # (world*B, D) or (B, D)
+        new = F.normalize(rows.to(self.features.dtype), dim=-1)
         size = self.features.shape[0]
         if new.shape[0] >= size:  # only the newest `size` rows survive
             self.features.copy_(new[-size:])

@@ -23,9 +23,14 @@ from cliptransfer.clip import create_clip, load_clip
 from cliptransfer.clip.evaluation import ClassifySet, RetrievalSet, evaluate_clip
 from cliptransfer.clip.tuning import TuningConfig, apply_tuning, export_clip
 from cliptransfer.contrastive.data import PairDataConfig, PairDataset, collate_pairs
-from cliptransfer.contrastive.losses.clip import clamp_logit_scale_
-from cliptransfer.contrastive.objectives import ContrastiveModel, LossConfig, needs_second_view
+from cliptransfer.contrastive.objectives import (
+    ContrastiveModel,
+    LossConfig,
+    clamp_logit_scales_,
+    needs_second_view,
+)
 from cliptransfer.contrastive.pairs import load_pairs
+from cliptransfer.contrastive.reference import needs_masked_caption, needs_third_view
 from cliptransfer.defaults import resolve_tokenizer
 from cliptransfer.engine.config import RunConfig, TrainConfig
 from cliptransfer.engine.optim import OptimConfig, OptimizerSpec, adamw_spec, trainable_summary
@@ -148,7 +153,8 @@ class ContrastiveTask(Task):
         self.image_size = base.clip.image_size
         cfg.data.second_view = cfg.data.second_view or needs_second_view(base.weights)
         cfg.data.text_aug = cfg.data.text_aug or "mvs" in base.weights
-        if "mlm" in base.weights and cfg.data.mlm_prob == 0:
+        cfg.data.third_view = cfg.data.third_view or needs_third_view(cfg.loss, base.weights)
+        if needs_masked_caption(cfg.loss, base.weights) and cfg.data.mlm_prob == 0:
             cfg.data.mlm_prob = 0.15
         cfg.data.image.size = cfg.data.view.size = self.image_size
         save_run_config(run)
@@ -199,15 +205,17 @@ class ContrastiveTask(Task):
         return model(batch)
 
     def after_step(self, model: nn.Module) -> None:
-        clamp_logit_scale_(
-            model.clip.logit_scale, self.cfg.loss.logit_scale_max, self.cfg.loss.logit_scale_min
-        )
+        clamp_logit_scales_(model, self.cfg.loss)
         check_bad_fraction(
             self.bad["skipped"], self.seen, self.cfg.data.max_bad_fraction, self.bad_examples
         )
 
     def train_scalars(self, model: nn.Module) -> dict[str, float]:
-        return {"logit_scale": model.clip.logit_scale.exp().item()}
+        scalars = {"logit_scale": model.clip.logit_scale.exp().item()}
+        dense = getattr(model, "logit_scale_dense", None)  # FILIP's own, recipe=reference
+        if dense is not None:
+            scalars["logit_scale_dense"] = dense.exp().item()
+        return scalars
 
     def evaluate(self, model: nn.Module, split: str) -> tuple[None, dict]:
         return None, self._evaluate_clip(model)
