@@ -190,8 +190,12 @@ def expand_settings(
 def task_script(task: str, script: str | Path | None = None) -> Path:
     """The task's launcher: `script`, or the registered one (`tasks/<name>.py`) next to the
     package (an editable install or a checkout; a wheel install has no tasks/ and must pass
-    `--script`)."""
-    spec = _spec(task)
+    `--script`). Any registered task (benchmark runs the contrastive one), not only compare's."""
+    from cliptransfer.engine.task import registered
+
+    tasks = registered()
+    if task not in tasks:
+        raise CompareError(f"unknown task {task!r}: choose from {', '.join(tasks)}")
     if script is not None:
         path = Path(script)
         if not path.is_file():
@@ -199,7 +203,7 @@ def task_script(task: str, script: str | Path | None = None) -> Path:
         return path
     import cliptransfer
 
-    path = Path(cliptransfer.__file__).resolve().parents[1] / spec.launcher
+    path = Path(cliptransfer.__file__).resolve().parents[1] / tasks[task].launcher
     if not path.is_file():
         raise FileNotFoundError(
             f"task script {path} not found (the tasks/ folder exists in a source checkout, not "
@@ -208,17 +212,21 @@ def task_script(task: str, script: str | Path | None = None) -> Path:
     return path
 
 
-def _sets(overrides: Sequence[str]) -> list[str]:
+def set_args(overrides: Sequence[str]) -> list[str]:
     return [a for o in overrides for a in ("--set", o)]
 
 
-def _check_overrides(overrides: Sequence[str], reserved: dict[str, str]) -> None:
+def check_overrides(
+    overrides: Sequence[str], reserved: dict[str, str], who: str = "compare"
+) -> None:
+    """KEY=VALUE items, none of them a key that `who` sets per run itself (`reserved`: key ->
+    the flag that varies it)."""
     for text in overrides:
         key, sep, _ = text.partition("=")
         if not sep or not key.strip():
             raise CompareError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.epochs=2")
         if (flag := reserved.get(key.strip())) is not None:
-            raise CompareError(f"--set {text}: compare sets {key.strip()} itself; use {flag}")
+            raise CompareError(f"--set {text}: {who} sets {key.strip()} itself; use {flag}")
 
 
 def _stream(cmd: list[str], log_path: Path, echo: TextIO) -> int:
@@ -257,35 +265,38 @@ def _read_metrics(spec: TaskSpec, setting: Setting, path: Path) -> dict[str, Any
     return metrics
 
 
-def _run_setting(
-    spec: TaskSpec, setting: Setting, cmd: list[str], record: dict, run_dir: Path, rerun: bool,
-    log: Callable[[str], None], where: str,
+def run_recorded(
+    name: str, cmd: list[str], record: dict, run_dir: Path, *, rerun: bool,
+    log: Callable[[str], None], where: str, read: Callable[[Path], dict[str, Any]],
+    record_name: str = RECORD, log_name: str = "compare.log", what: str = "setting",
 ) -> tuple[dict[str, Any], bool]:  # fmt: skip
-    """(metrics, reused): run the setting, or reuse what an earlier run of `record` finished."""
-    metrics_path, record_path = run_dir / "metrics.json", run_dir / RECORD
+    """(metrics, reused): run `cmd` (which writes run_dir/metrics.json, parsed by `read`), or
+    reuse what an earlier run of the identical `record` (the command, kept in
+    run_dir/`record_name`) finished. Shared by `compare` (settings) and `benchmark` (cells)."""
+    metrics_path, record_path = run_dir / "metrics.json", run_dir / record_name
     if metrics_path.is_file() and not rerun:
         old = read_json(record_path) if record_path.is_file() else None
         if old != record:
             raise CompareError(
-                f"setting {setting.name!r}: {metrics_path} exists but was not made by this "
+                f"{what} {name!r}: {metrics_path} exists but was not made by this "
                 f"command (see {record_path}); pass --rerun to run it again or choose another --out"
             )
-        log(f"{where} {setting.name}: reusing {metrics_path} (finished earlier; --rerun reruns)")
-        return _read_metrics(spec, setting, metrics_path), True
+        log(f"{where} {name}: reusing {metrics_path} (finished earlier; --rerun reruns)")
+        return read(metrics_path), True
     metrics_path.unlink(missing_ok=True)  # metrics.json now means: this record's run finished
     write_json(record_path, record)
-    log_path = run_dir / "compare.log"
-    log(f"{where} {setting.name}: {shlex.join(cmd)}")
+    log_path = run_dir / log_name
+    log(f"{where} {name}: {shlex.join(cmd)}")
     try:
         rc = _stream(cmd, log_path, sys.stdout)
     except OSError as e:
-        raise CompareError(f"setting {setting.name!r} could not start {cmd[0]!r}: {e}") from None
+        raise CompareError(f"{what} {name!r} could not start {cmd[0]!r}: {e}") from None
     if rc != 0:
         how = f"exit code {rc}" + (f" (signal {-rc})" if rc < 0 else "")
-        raise CompareError(f"setting {setting.name!r} failed with {how}; its log: {log_path}")
+        raise CompareError(f"{what} {name!r} failed with {how}; its log: {log_path}")
     if not metrics_path.is_file():
-        raise CompareError(f"setting {setting.name!r} exited 0 but wrote no {metrics_path}")
-    return _read_metrics(spec, setting, metrics_path), False
+        raise CompareError(f"{what} {name!r} exited 0 but wrote no {metrics_path}")
+    return read(metrics_path), False
 
 
 def _row(spec: TaskSpec, setting: Setting, metrics: dict, path: Path, reused: bool) -> dict:
@@ -350,7 +361,7 @@ def run_compare(
     """
     path = task_script(task, script)
     spec = _spec(task)
-    _check_overrides(overrides, spec.reserved)
+    check_overrides(overrides, spec.reserved)
     settings = expand_settings(features, backbones, task, inits, seeds)
     clip_kind = spec.cols.backbone_kind
     if clip_kind not in features and list(backbones) not in ([], ["default"]):
@@ -360,18 +371,20 @@ def run_compare(
     rows, all_metrics = [], []
     for i, s in enumerate(settings, 1):
         run_dir = out / s.name
-        args = (["--config", config] if config else []) + _sets([*s.overrides(run_dir), *overrides])
+        args = (["--config", config] if config else []) + set_args(
+            [*s.overrides(run_dir), *overrides]
+        )
         record = {"script": path.name, "launcher": launcher, "args": args}
-        metrics, reused = _run_setting(
-            spec, s, [*prefix, str(path), *args], record, run_dir, rerun, log,
-            f"[{i}/{len(settings)}]",
+        metrics, reused = run_recorded(
+            s.name, [*prefix, str(path), *args], record, run_dir, rerun=rerun, log=log,
+            where=f"[{i}/{len(settings)}]", read=lambda p, s=s: _read_metrics(spec, s, p),
         )  # fmt: skip
         rows.append(_row(spec, s, metrics, run_dir / "metrics.json", reused))
         all_metrics.append(metrics)
     priors = _priors(spec, rows, all_metrics)
     grouped = aggregate(spec, rows)
     table = markdown(spec, grouped, priors)
-    common = shlex.join((["--config", config] if config else []) + _sets(overrides))
+    common = shlex.join((["--config", config] if config else []) + set_args(overrides))
     atomic_write_text(
         out / "compare.md",
         f"# {task}: feature settings compared\n\n{table}\n\nScores on {spec.cols.split}, "

@@ -8,10 +8,11 @@ import math
 import statistics
 from typing import Any
 
-__all__ = ["aggregate", "markdown", "plot_png"]
+__all__ = ["aggregate", "fmt", "fmt_score", "markdown", "mean_std", "plot_png"]
 
 
-def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    """(mean, sample std) of the values that are not None; std is None for fewer than two."""
     got = [v for v in values if v is not None]
     if not got:
         return None, None
@@ -30,22 +31,23 @@ def aggregate(spec: Any, rows: list[dict]) -> list[dict]:
         first = runs[0]
         val, std = {}, {}
         for c in spec.columns:
-            val[c], std[c] = _mean_std([r["val"][c] for r in runs])
+            val[c], std[c] = mean_std([r["val"][c] for r in runs])
         mibs = [r["peak_memory"]["mib"] for r in runs if r["peak_memory"]["mib"] is not None]
         out.append({
             **{k: first[k] for k in ("features", "backbone", "init", "feature_kind",
                                      "feature_backbone", "input_size", "grid_size", "channels")},
             "setting": name, "n": len(runs), "seeds": [r["seed"] for r in runs],
             "val": val, "std": std,
-            "train_samples_per_s": _mean_std([r["train_samples_per_s"] for r in runs])[0],
+            "train_samples_per_s": mean_std([r["train_samples_per_s"] for r in runs])[0],
             "peak_memory": {"kind": first["peak_memory"]["kind"], "mib": max(mibs) if mibs else None},
-            "seconds": _mean_std([r["seconds"] for r in runs])[0],
+            "seconds": mean_std([r["seconds"] for r in runs])[0],
             "runs": [r["setting"] for r in runs],
         })  # fmt: skip
     return out
 
 
-def _fmt(v: Any, digits: int = 2) -> str:
+def fmt(v: Any, digits: int = 2) -> str:
+    """A table cell: "-" for missing / NaN, floats with `digits` decimals, pipes escaped."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     if isinstance(v, float):
@@ -53,8 +55,9 @@ def _fmt(v: Any, digits: int = 2) -> str:
     return str(v).replace("|", "\\|")
 
 
-def _score(mean: float | None, std: float | None) -> str:
-    return _fmt(mean) if std is None else f"{_fmt(mean)} ± {_fmt(std)}"
+def fmt_score(mean: float | None, std: float | None) -> str:
+    """The cell of a score: mean ± std, or just the mean when there is no spread (one run)."""
+    return fmt(mean) if std is None else f"{fmt(mean)} ± {fmt(std)}"
 
 
 def _input_cell(row: dict) -> str:
@@ -75,15 +78,15 @@ def markdown(spec: Any, rows: list[dict], priors: list[dict]) -> str:
     for r in rows:
         mem = r["peak_memory"]
         mem_cell = "-" if mem["mib"] is None else f"{mem['mib']:.0f} ({mem['kind']})"
-        cells = [_fmt(c) for c in (r["setting"], r["feature_kind"], r["feature_backbone"],
+        cells = [fmt(c) for c in (r["setting"], r["feature_kind"], r["feature_backbone"],
                                    _input_cell(r), r["channels"])]  # fmt: skip
         cells += [str(r["n"])] if seeds else []
-        cells += [_score(r["val"][c], r["std"][c]) for c in spec.columns]
-        cells += [_fmt(r["train_samples_per_s"], 1), mem_cell, _fmt(r["seconds"], 1)]
+        cells += [fmt_score(r["val"][c], r["std"][c]) for c in spec.columns]
+        cells += [fmt(r["train_samples_per_s"], 1), mem_cell, fmt(r["seconds"], 1)]
         lines.append("| " + " | ".join(cells) + " |")
     for p in priors:
         cells = [p["setting"], "", "", "", "", *([""] if seeds else []),
-                 *(_fmt(p["val"][c]) for c in spec.columns), "", "", ""]  # fmt: skip
+                 *(fmt(p["val"][c]) for c in spec.columns), "", "", ""]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

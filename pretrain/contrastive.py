@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
     task = ContrastiveTask(run.cfg, run)
     task.setup()  # pairs, tokenizer, CLIP + the loss terms' heads, tuning policy
     report = task.report(fit(run, task))  # steps; then zero-shot/retrieval and final/
-    return run.finish(report, show=task.print_report)
+    return run.finish(task.finish_report(report), show=task.print_report)  # + peak memory
 
 
 if __name__ == "__main__":

@@ -39,6 +39,10 @@ class PairDataConfig:
     text_aug: bool = False  # DeCLIP: an EDA-augmented caption
     eda_alpha: float = 0.1
     mlm_prob: float = 0.0  # DeCLIP: BERT masking probability (0 = no MLM inputs)
+    # Data quality (the CLIP-benchmark's first axis): this fraction of the training pairs gets a
+    # mismatched or corrupted caption, drawn by train.seed (`pairs.add_caption_noise`); the
+    # evaluation pairs stay clean.
+    caption_noise: float = 0.0
     max_bad_fraction: float = 0.01  # stop when more records than this fail to decode
     max_retries: int = 16  # consecutive unreadable records before giving up on a sample
     num_workers: int = 2  # decoding + augmentation off the training process
@@ -47,6 +51,7 @@ class PairDataConfig:
         check_range("eda_alpha", self.eda_alpha, ge=0, le=1)  # a deletion probability
         check_range("mlm_prob", self.mlm_prob, ge=0, le=1)
         check_range("max_bad_fraction", self.max_bad_fraction, ge=0, le=1)
+        check_range("caption_noise", self.caption_noise, ge=0, le=1)
         check_range("max_retries", self.max_retries, ge=0)
         check_range("num_workers", self.num_workers, ge=0)
 

@@ -208,3 +208,49 @@ def open_image(ref: str) -> Image.Image:
         img = Image.open(ref)
     img.load()
     return img.convert("RGB")
+
+
+def add_caption_noise(
+    records: list[PairRecord], fraction: float, seed: int
+) -> tuple[list[PairRecord], dict[str, int]]:
+    """Degrade `fraction` of the pairs, as web-crawled data is degraded (the CLIP-benchmark's
+    data-quality axis): exactly round(fraction * n) records, drawn by `seed`, get a caption that
+    does not describe their image. The first half of them (rounded up) is *mismatched* (another
+    record's caption, of a different image); the rest is *corrupted* (the caption's words shuffled
+    and every other one replaced by a word of the corpus, so it still reads like the data but
+    says little that is true). Returns the new list (records untouched elsewhere) and the counts.
+
+    A pure function of (records, fraction, seed): every process and every resumed run derives the
+    same noisy set, and a benchmark's seed changes which pairs are hit.
+    """
+    import random
+
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"caption noise fraction must be in [0, 1], got {fraction}")
+    n = len(records)
+    k = round(fraction * n)
+    counts = {"pairs": n, "noisy": 0, "mismatched": 0, "corrupted": 0}
+    if k == 0:
+        return list(records), counts
+    # A private generator keyed by the seed (str seeds hash stably): the global RNGs are not
+    # touched, so turning the knob on changes nothing else in the run.
+    rng = random.Random(f"caption-noise:{seed}")
+    vocab = sorted({w for r in records for w in r.caption.split()}) or [""]
+    out = list(records)
+    many_images = len({r.image for r in records}) > 1
+    for rank, i in enumerate(rng.sample(range(n), k)):
+        rec = records[i]
+        if rank < (k + 1) // 2 and many_images:
+            j = rng.randrange(n)
+            while records[j].image == rec.image:  # another image's caption, never a co-caption
+                j = rng.randrange(n)
+            caption, kind = records[j].caption, "mismatched"
+        else:
+            words = rec.caption.split() or [rng.choice(vocab)]
+            rng.shuffle(words)
+            words = [rng.choice(vocab) if w % 2 else x for w, x in enumerate(words)]
+            caption, kind = " ".join(words), "corrupted"
+        out[i] = PairRecord(rec.image, caption, f"{rec.source} ({kind} caption)")
+        counts[kind] += 1
+    counts["noisy"] = k
+    return out, counts

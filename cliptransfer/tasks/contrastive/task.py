@@ -9,6 +9,7 @@ JSONL / CSV / webdataset shards / `datasets` folder. After training the CLIP is 
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,11 @@ from cliptransfer.contrastive.objectives import (
     clamp_logit_scales_,
     needs_second_view,
 )
-from cliptransfer.contrastive.pairs import load_pairs
+from cliptransfer.contrastive.pairs import add_caption_noise, load_pairs
 from cliptransfer.contrastive.reference import needs_masked_caption, needs_third_view
 from cliptransfer.defaults import resolve_tokenizer
 from cliptransfer.engine.config import RunConfig, TrainConfig
+from cliptransfer.engine.evaluation import peak_memory
 from cliptransfer.engine.optim import OptimConfig, OptimizerSpec, adamw_spec, trainable_summary
 from cliptransfer.engine.run import save_run_config
 from cliptransfer.engine.task import Task, register_task
@@ -118,6 +120,7 @@ class ContrastiveTask(Task):
 
     def setup(self) -> None:
         cfg, run = self.cfg, self.run
+        self.started = time.monotonic()
         world = None
         if not cfg.data.train or not cfg.data.val:
             with run.accelerator.main_process_first():
@@ -129,6 +132,9 @@ class ContrastiveTask(Task):
                            cfg.data.image_root or (None if cfg.data.train else root))  # fmt: skip
         val = load_pairs(cfg.data.val or world / "pairs" / "val.jsonl",
                          cfg.data.image_root or (None if cfg.data.val else root))  # fmt: skip
+        train, self.noise = add_caption_noise(train, cfg.data.caption_noise, cfg.train.seed)
+        if self.noise["noisy"]:
+            run.print(f"caption noise: {self.noise}")
         self.tokenizer = tokenizer = resolve_tokenizer(cfg.train.tokenizer)
 
         # ---- model + the heads of the enabled loss terms, tuning policy (lock / LoRA)
@@ -241,7 +247,15 @@ class ContrastiveTask(Task):
             atomic_save_dir(export_clip(clip).save_pretrained, final)
             self.tokenizer.save(final / "tokenizer")
         return {"steps": result.steps, "samples_seen": result.samples_seen,
-                "random_init": self.initial, "trained": result.final, **self.bad}  # fmt: skip
+                "random_init": self.initial, "trained": result.final, **self.bad,
+                "train_samples_per_s": result.train_samples_per_s,
+                "caption_noise": self.noise}  # fmt: skip
+
+    def finish_report(self, report: dict[str, Any]) -> dict[str, Any]:
+        # Training cost next to the scores (`cliptransfer benchmark` reads both).
+        report.update(peak_memory=peak_memory(self.run.accelerator.device),
+                      seconds=time.monotonic() - self.started)  # fmt: skip
+        return report
 
     def print_report(self, report: dict) -> None:
         print(_comparison_table(report["random_init"], report["trained"]))
