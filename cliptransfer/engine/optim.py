@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -47,17 +48,19 @@ def param_groups(
     model: nn.Module,
     weight_decay: float,
     lr_scales: dict[str, float] | None = None,
+    exclude: str | None = None,
 ) -> list[dict]:
     """AdamW groups: decay / no-decay, and optionally a separate lr scale per name prefix.
 
     `lr_scales={"visual.": 0.1}` puts the backbone in its own groups with 0.1x the base lr (the
-    end-to-end fine-tuning recipe). Frozen parameters are left out.
+    end-to-end fine-tuning recipe). Frozen parameters are left out, and so are those under the
+    name prefix `exclude` (another optimizer trains them).
     """
     lr_scales = lr_scales or {}
     groups: dict[tuple[float, bool], list[torch.Tensor]] = {}
     names: dict[tuple[float, bool], list[str]] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or (exclude and name.startswith(exclude)):
             continue
         scale = next((s for prefix, s in lr_scales.items() if name.startswith(prefix)), 1.0)
         key = (scale, decays(p))
@@ -81,8 +84,9 @@ def build_adamw(
     cfg: OptimConfig,
     lr_scales: dict[str, float] | None = None,
     fused: bool = False,
+    exclude: str | None = None,
 ):
-    groups = param_groups(model, cfg.weight_decay, lr_scales)
+    groups = param_groups(model, cfg.weight_decay, lr_scales, exclude)
     for g in groups:
         g["lr"] = cfg.lr * g["lr_scale"]
     # torch's AdamW keeps unknown group keys (lr_scale, param_names) in its state_dict untouched.
@@ -133,14 +137,37 @@ def adamw_spec(
     fused: bool = False,
     cap_warmup: bool = True,
     name: str = "adamw",
+    exclude: str | None = None,
 ) -> OptimizerSpec:
-    """AdamW over `model`'s trainable parameters with warmup + cosine over `total_steps`.
+    """AdamW over `model`'s trainable parameters (but those under the prefix `exclude`) with
+    warmup + cosine over `total_steps`.
     `cap_warmup`: short runs (tests, smoke runs) keep at least 80 % of their steps after warmup."""
-    optimizer = build_adamw(model, cfg, lr_scales=lr_scales, fused=fused)
+    optimizer = build_adamw(model, cfg, lr_scales=lr_scales, fused=fused, exclude=exclude)
     warmup = min(cfg.warmup_steps, total_steps // 5) if cap_warmup else cfg.warmup_steps
     return OptimizerSpec(
         name, optimizer, warmup_cosine(optimizer, warmup, total_steps, cfg.min_lr_ratio)
     )
+
+
+@dataclass
+class BackboneOptimConfig:
+    """End to end: how the CLIP backbone trains. "adamw": in the head's AdamW at
+    `backbone_lr_scale` x lr; "sgd": its own SGD with step decay beside the head's AdamW, as
+    CLIP-ViL_p (lr 3e-3 in pretraining, 1e-3 in fine-tuning; momentum 0; wd 4e-4)."""
+
+    kind: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    momentum: float = 0.0
+    weight_decay: float = 4e-4
+    decay_every_epochs: int = 0  # lr x gamma every N epochs (0: constant)
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_range("lr", self.lr, gt=0)
+        check_range("momentum", self.momentum, ge=0, lt=1)
+        check_range("weight_decay", self.weight_decay, ge=0)
+        check_range("decay_every_epochs", self.decay_every_epochs, ge=0)
+        check_range("gamma", self.gamma, gt=0, le=1)
 
 
 def sgd_step_spec(

@@ -24,9 +24,11 @@ from torch.utils.data import DataLoader, Dataset
 from cliptransfer.adapters import AdapterConfig
 from cliptransfer.clip.tuning import TuningConfig
 from cliptransfer.config import ConfigError, to_dict
+from cliptransfer.engine.batches import steps_per_epoch
 from cliptransfer.engine.config import RunConfig
 from cliptransfer.engine.evaluation import peak_memory, predict
 from cliptransfer.engine.loop import FitResult
+from cliptransfer.engine.optim import BackboneOptimConfig, OptimizerSpec, adamw_spec, sgd_step_spec
 from cliptransfer.engine.run import save_run_config
 from cliptransfer.engine.task import EvalOnlyTask
 from cliptransfer.heads.model import HeadConfig, shapes_head
@@ -62,6 +64,8 @@ class VLTaskConfig(RunConfig):
     mode: Literal["features", "end2end"] = "features"
     tuning: TuningConfig = field(default_factory=TuningConfig)  # end2end: lock_image or full
     backbone_lr_scale: float = 0.1  # end2end: the backbone's lr is this times optim.lr
+    # end2end: the backbone in the head's AdamW (default) or in its own SGD (CLIP-ViL_p)
+    backbone_optim: BackboneOptimConfig = field(default_factory=BackboneOptimConfig)
     # PEFT adapters: on the backbone (end2end) or the fusion head (features); see adapters.py
     peft: AdapterConfig = field(default_factory=AdapterConfig)
     text: QuestionConfig = field(default_factory=lambda: QuestionConfig(embed_dim=64, hidden=128))
@@ -80,6 +84,13 @@ class VLTask(EvalOnlyTask):
     @classmethod
     def apply_arguments(cls, cfg: VLTaskConfig, args: argparse.Namespace) -> None:
         check_tuning(cfg.mode, cfg.tuning, cfg.peft)
+        if cfg.backbone_optim.kind == "sgd" and (
+            cfg.mode != "end2end" or cfg.peft.method != "none" or cfg.tuning.lock_image
+        ):
+            raise ConfigError(
+                "backbone_optim.kind=sgd trains a fully fine-tuned backbone: it needs "
+                "mode=end2end, peft.method=none and tuning.lock_image=false"
+            )
         super().apply_arguments(cfg, args)
 
     # ---- what a task adds
@@ -192,6 +203,21 @@ class VLTask(EvalOnlyTask):
 
     def lr_scales(self) -> dict[str, float]:
         return lr_scales(self.cfg)
+
+    def optimizers(self, model: nn.Module, total_steps: int) -> list[OptimizerSpec]:
+        """AdamW over the model; with `backbone_optim.kind=sgd`, AdamW over the head and an SGD
+        with step decay over the backbone (stepped together, checkpointed as optimizer-1.pt)."""
+        bo = self.cfg.backbone_optim
+        if bo.kind != "sgd":
+            return super().optimizers(model, total_steps)
+        per_epoch = steps_per_epoch(len(self.train_data), self.cfg.train.batch_size, self.drop_last)
+        every = bo.decay_every_epochs * per_epoch if bo.decay_every_epochs else total_steps + 1
+        return [
+            adamw_spec(model, self.cfg.optim, total_steps, exclude="backbone."),
+            sgd_step_spec(model.backbone, bo.lr, momentum=bo.momentum,
+                          weight_decay=bo.weight_decay, step_every=every, gamma=bo.gamma,
+                          name="backbone_sgd"),
+        ]  # fmt: skip
 
     def evaluate(self, model: nn.Module, split: str) -> tuple[list, dict | None]:
         got = predict(
