@@ -13,7 +13,7 @@ every cell. The trainer's metrics.json gives retrieval and zero-shot accuracy an
 cost (samples/s, peak memory); the benchmark adds a linear probe of the frozen image embeddings
 (`cliptransfer.clip.probe`) on the same zero-shot images, so "the tower sees it" and "the alignment
 learned it" can be told apart. A cell finished by an earlier run of the identical command is
-reused (`rerun=True` reruns). Writes OUT/benchmark.{md,json} and the PNGs of `benchmark_report`.
+reused (`rerun=True` reruns) and one interrupted resumes from its last checkpoint. Writes OUT/benchmark.{md,json} and the PNGs of `benchmark_report`.
 No torch import at module level: `cliptransfer --help` stays fast.
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,17 +44,18 @@ DEFAULT_SEEDS = (0, 1, 2)
 # Set per cell; a --set of one would make the cells identical.
 RESERVED = {"loss.method": "--methods", "model.arch": "--archs",
             "model.text.layers": "--text-layers", "data.caption_noise": "--data-noise",
-            "train.seed": "--seeds", "train.out_dir": "--out"}  # fmt: skip
+            "train.seed": "--seeds", "train.out_dir": "--out", "train.resume": "--rerun"}  # fmt: skip
 RECORD = "benchmark_command.json"
 # One budget for every method (the benchmark's premise: same data, same steps, same batch; the
 # per-method YAMLs halve FILIP's batch for CPU comfort, so they are not used here).
 # Default: the trainer's own budget on the small world (10,000 pairs, 5 epochs of 64 = 780 steps).
 BUDGET = ("world.size=small", "train.batch_size=64", "train.epochs=5", "train.eval_max_images=500")
-# --quick: the tiny world (240 pairs) and 40 steps of 32; data in the training process, since a
-# DataLoader worker pool restarted every 7-step epoch costs more than it saves; a 256-entry DeCLIP
-# queue (the default 4096 would hold stale features of 17 passes over this data).
-QUICK = ("world.size=tiny", "train.batch_size=32", "train.max_steps=40", "train.log_every=10",
-         "train.eval_max_images=500", "data.num_workers=0", "loss.queue_size=256")  # fmt: skip
+# --quick: the tiny world (240 pairs) and 48 steps of 32 (epochs set high so that max_steps, not
+# the 7-step epochs, ends the run); data in the training process, since a DataLoader worker pool
+# restarted every epoch costs more than it saves; a 256-entry DeCLIP queue (the default 4096
+# would hold stale features of 17 passes over this data).
+QUICK = ("world.size=tiny", "train.batch_size=32", "train.epochs=100", "train.max_steps=48",
+         "train.log_every=10", "data.num_workers=0", "loss.queue_size=256")  # fmt: skip
 RETRIEVAL = {"mean_recall": "retrieval_mean_R", "image_to_text_R@1": "i2t_R@1",
              "text_to_image_R@1": "t2i_R@1"}  # fmt: skip
 
@@ -177,6 +179,21 @@ def _read_cell(name: str) -> Callable[[Path], dict[str, Any]]:
     return read
 
 
+def _resume_or_restart(run_dir: Path, record: dict, rerun: bool) -> None:
+    """Cells run with train.resume=latest, so a benchmark killed mid-cell continues that cell
+    from its last checkpoint when the identical command is run again. Checkpoints of any other
+    command (or all of them under --rerun) are removed first: resuming them would continue
+    another configuration's run (or skip a rerun's training altogether)."""
+    import shutil
+
+    ckpts = run_dir / "checkpoints"
+    if not ckpts.is_dir() or ((run_dir / "metrics.json").is_file() and not rerun):
+        return  # nothing to resume, or a finished cell that run_recorded reuses or refuses
+    old = read_json(run_dir / RECORD) if (run_dir / RECORD).is_file() else None
+    if rerun or old != record:
+        shutil.rmtree(ckpts)
+
+
 def _classify_folder(run_dir: Path) -> Path | None:
     """The zero-shot folder the trainer evaluated (its config.yaml): data.classify, or the
     Shapes world's classify/ when the world's pairs were used; None without one."""
@@ -271,6 +288,7 @@ def run_benchmark(
     (OUT/<cell>/benchmark.log). Returns the benchmark.json content."""
     from cliptransfer.benchmark_report import write_report
 
+    started = time.monotonic()
     m, a, layers, levels, s = parse_axes(methods, archs, text_layers, noise, seeds, quick)
     check_overrides(overrides, RESERVED, who="benchmark")
     path = task_script("contrastive", script)
@@ -281,8 +299,9 @@ def run_benchmark(
     rows = []
     for i, cell in enumerate(cells, 1):
         run_dir = out / cell.name
-        args = set_args([*budget, *cell.overrides(run_dir), *overrides])
+        args = set_args([*budget, *cell.overrides(run_dir), *overrides, "train.resume=latest"])
         record = {"script": path.name, "launcher": launcher, "args": args}
+        _resume_or_restart(run_dir, record, rerun)
         metrics, reused = run_recorded(
             cell.name, [*prefix, str(path), *args], record, run_dir, rerun=rerun, log=log,
             where=f"[{i}/{len(cells)}]", read=_read_cell(cell.name), record_name=RECORD,
@@ -291,5 +310,6 @@ def run_benchmark(
         rows.append(cell_row(cell, metrics, _probe(run_dir, reused, log), run_dir, reused))
     setup = {"methods": m, "archs": a, "text_layers": layers, "data_noise": levels, "seeds": s,
              "quick": quick, "budget": budget, "overrides": list(overrides),
-             "launcher": launcher, "script": str(path)}  # fmt: skip
+             "launcher": launcher, "script": str(path),
+             "wall_seconds": time.monotonic() - started}  # fmt: skip
     return write_report(out, rows, setup, log)

@@ -435,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--quick",
         action="store_true",
-        help="smoke budget: tiny world, 40 steps, one seed (~10 min on 2 CPU cores)",
+        help="smoke budget: tiny world, 48 steps, one seed (~10 min on 2 CPU cores)",
     )
     bench.add_argument("--launcher", help='e.g. "accelerate launch --num_processes 2"')
     bench.add_argument(

@@ -164,6 +164,25 @@ def test_aggregation_gain_and_reuse_only_for_the_same_command(fake: Path, tmp_pa
     assert len(_calls(fake)) == 13
 
 
+def test_an_interrupted_cell_resumes_only_under_the_same_command(tmp_path: Path):
+    from cliptransfer.benchmark import RECORD, _resume_or_restart
+    from cliptransfer.fileio import write_json
+
+    run, record = tmp_path / "cell", {"args": ["--set", "a=1"]}
+    (run / "checkpoints").mkdir(parents=True)
+    write_json(run / RECORD, record)
+    _resume_or_restart(run, record, rerun=False)  # killed mid-cell, same command: resume
+    assert (run / "checkpoints").is_dir()
+    _resume_or_restart(run, {"args": ["--set", "a=2"]}, rerun=False)  # another command
+    assert not (run / "checkpoints").exists()
+    (run / "checkpoints").mkdir()
+    (run / "metrics.json").write_text("{}")
+    _resume_or_restart(run, record, rerun=False)  # finished: reused, nothing touched
+    assert (run / "checkpoints").is_dir()
+    _resume_or_restart(run, record, rerun=True)  # a rerun trains from scratch
+    assert not (run / "checkpoints").exists()
+
+
 def test_a_failing_cell_names_itself_and_its_log(fake: Path, tmp_path: Path):
     with pytest.raises(CompareError) as e:
         run_benchmark("clip,slip", "RN-tiny", seeds="0", out=tmp_path / "b", script=fake,
