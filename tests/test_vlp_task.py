@@ -124,3 +124,18 @@ def test_lora_on_the_pretrained_fusion_transformer(pretrained, tiny_world: Path,
     assert not any("word_embeddings" in k for k in adapter)
     model, *_ = load_trained(run / "best")  # merged weights load into the plain head
     assert type(model.head).__name__ == "VLBert"
+
+
+def test_end2end_on_pixels_with_the_backbone_in_sgd(tiny_world: Path, tmp_path: Path):
+    """CLIP-ViL_p end to end: pixels through the CLIP tower, which trains in its own SGD."""
+    out = tmp_path / "run"
+    report = run_task(VLPTask, _args(tiny_world, out, tmp_path / "cache", "mode=end2end",
+                                     "train.max_steps=2", "backbone_optim.kind=sgd",
+                                     "backbone_optim.lr=0.003"))  # fmt: skip
+    assert report["steps"] == 2 and report["pretrained"]["pairs"] > 0
+    assert not (tmp_path / "cache").exists()  # pixels, no feature store
+    step = sorted((out / "checkpoints").iterdir())[-1]
+    (group,) = torch.load(step / "optimizer-1.pt", weights_only=True)["param_groups"]
+    assert group["lr"] == 0.003 and group["params"]
+    final = load_file(str(out / "final" / "model.safetensors"))
+    assert any(k.startswith("backbone.") for k in final)  # the tuned tower is saved with the head

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from cliptransfer.config import ConfigError, check_range
 from cliptransfer.contrastive.augment import sample_generator
 from cliptransfer.contrastive.losses.declip import mask_tokens
-from cliptransfer.visual.inputs import pad_visual
+from cliptransfer.visual.inputs import collate_visual
 from cliptransfer.vlp.corpus import VLPSentence
 from cliptransfer.vlp.objectives import IGNORE, itm_sentence, sample_answer
 
@@ -142,19 +142,20 @@ class VLPDataset(Dataset):
         qa = IGNORE
         if matched and self.ans2label:  # QA only on the image's own question
             qa = sample_answer(own.label, self.ans2label, rng)
-        visual = self.inputs(image_key(own.img_id))
-        feats, spatial = visual["features"], visual["spatial"]
-        if self.train and cfg.grid_keep and feats.shape[0] > cfg.grid_keep:
-            keep = torch.randperm(feats.shape[0], generator=g)[: cfg.grid_keep].sort().values
-            feats, spatial = feats[keep], spatial[keep]
+        visual = dict(self.inputs(image_key(own.img_id)))  # {features, spatial} or {pixels}
+        if self.train and cfg.grid_keep and visual["features"].shape[0] > cfg.grid_keep:
+            n = visual["features"].shape[0]
+            keep = torch.randperm(n, generator=g)[: cfg.grid_keep].sort().values
+            visual["features"], visual["spatial"] = (
+                visual["features"][keep],
+                visual["spatial"][keep],
+            )
         return {"text_ids": masked, "text_mask": mask, "mlm_labels": labels, "itm": int(matched),
-                "qa": qa, "features": feats, "spatial": spatial, "index": index}  # fmt: skip
+                "qa": qa, "index": index, **visual}  # fmt: skip
 
 
 def collate_vlp(items: list[dict[str, Any]]) -> dict[str, Any]:
-    feats, mask, spatial = pad_visual([it["features"] for it in items],
-                                      [it["spatial"] for it in items])  # fmt: skip
-    batch = {"features": feats, "visual_mask": mask, "spatial": spatial}
+    batch = collate_visual(items)  # padded features + mask + spatial, or stacked pixels
     for key in ("text_ids", "text_mask", "mlm_labels"):
         batch[key] = torch.stack([it[key] for it in items])
     for key in ("itm", "qa", "index"):

@@ -86,6 +86,8 @@ class VLPTask(VLTask):
             raise ConfigError(
                 f"model.arch: V&L pretraining trains 'vlbert', got {cfg.model.arch!r}"
             )
+        if cfg.mode == "end2end" and cfg.data.grid_keep:
+            raise ConfigError("data.grid_keep: sub-samples stored grids; end2end has pixels")
         super().apply_arguments(cfg, args)
 
     def uses_world(self) -> bool:
