@@ -19,6 +19,7 @@ No torch import at module level: `cliptransfer --help` stays fast.
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import sys
 import time
@@ -313,3 +314,54 @@ def run_benchmark(
              "launcher": launcher, "script": str(path),
              "wall_seconds": time.monotonic() - started}  # fmt: skip
     return write_report(out, rows, setup, log)
+
+
+def _command(args: argparse.Namespace) -> int:
+    run_benchmark(
+        args.methods, args.archs, args.text_layers, args.data_noise, args.seeds, args.out,
+        args.overrides, quick=args.quick, rerun=args.rerun, launcher=args.launcher,
+        script=args.script,
+    )  # fmt: skip
+    return 0
+
+
+def add_benchmark_command(sub: Any) -> None:
+    """`cliptransfer benchmark`: its arguments on the CLI's subparsers."""
+    bench = sub.add_parser(
+        "benchmark",
+        help="the CLIP-benchmark: pretrain methods x towers x text depth x caption noise x seeds "
+        "on the Shapes world, one table (zero-shot, retrieval, linear probe, training cost)",
+    )
+    bench.add_argument(
+        "--methods", help="comma list (default: clip,slip,declip,filip,defilip,siglip)"
+    )
+    bench.add_argument("--archs", help="image towers, comma list (default: RN-tiny,ViT-tiny)")
+    bench.add_argument("--text-layers", help="text tower depths, comma list (default: the arch's)")
+    bench.add_argument(
+        "--data-noise", help="caption-noise fractions in [0, 1], comma list (default: 0)"
+    )
+    bench.add_argument(
+        "--seeds", help="comma list of train.seed values (default 0,1,2; --quick: 0)"
+    )
+    bench.add_argument(
+        "--out", help="output folder (default runs/benchmark, --quick: runs/benchmark-quick)"
+    )
+    bench.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="trainer override passed to every cell, after the budget (repeatable)",
+    )
+    bench.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke budget: tiny world, 48 steps, one seed (~10 min on 2 CPU cores)",
+    )
+    bench.add_argument("--launcher", help='e.g. "accelerate launch --num_processes 2"')
+    bench.add_argument(
+        "--script", help="the trainer (default: pretrain/contrastive.py of this checkout)"
+    )
+    bench.add_argument("--rerun", action="store_true", help="rerun cells that finished earlier")
+    bench.set_defaults(func=_command)
