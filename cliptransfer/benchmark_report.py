@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cliptransfer.compare_report import fmt, fmt_score, mean_std
+from cliptransfer.compare_report import fmt, fmt_score, group_runs, mean_std
 from cliptransfer.fileio import atomic_write_bytes, atomic_write_text, write_json
 
 __all__ = ["aggregate", "columns", "gains", "headline", "markdown", "write_report"]
@@ -36,11 +36,8 @@ def aggregate(rows: list[dict], cols: list[str]) -> list[dict]:
     """One entry per group (cells that differ only by seed), in first-seen order: `mean` and
     `std` (sample std, None for one run) per column; samples/s and seconds averaged, peak memory
     the max over the seeds (the budget a run needs)."""
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(r["group"], []).append(r)
     out = []
-    for name, runs in groups.items():
+    for name, runs in group_runs(rows).items():
         first = runs[0]
         stats = {c: mean_std([r["scores"].get(c) for r in runs]) for c in cols}
         mibs = [r["peak_memory"]["mib"] for r in runs if r["peak_memory"]["mib"] is not None]

@@ -19,15 +19,21 @@ def mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
     return statistics.fmean(got), (statistics.stdev(got) if len(got) > 1 else None)
 
 
+def group_runs(rows: list[dict]) -> dict[str, list[dict]]:
+    """The runs of each setting group (its `group`: the runs that differ only by seed), groups
+    and runs in first-seen order."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["group"], []).append(r)
+    return groups
+
+
 def aggregate(spec: Any, rows: list[dict]) -> list[dict]:
     """One row per setting group (the runs that differ only by seed), in first-seen order:
     `val` the mean per column, `std` the sample standard deviation (None for one run), `n` the
     number of runs, `seeds` their seeds; throughput and seconds averaged, peak memory the max."""
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(r["group"], []).append(r)
     out = []
-    for name, runs in groups.items():
+    for name, runs in group_runs(rows).items():
         first = runs[0]
         val, std = {}, {}
         for c in spec.columns:

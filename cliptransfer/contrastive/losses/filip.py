@@ -140,6 +140,15 @@ def filip_similarity(
     return i2t, t2i
 
 
+def symmetric_loss(i2t: torch.Tensor, t2i: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Mean of the image->text and text->image cross-entropies of this rank's rows, each
+    (B, world*B) similarity scaled by `logit_scale`; a row's target is its own pair's column."""
+    targets = local_targets(i2t.shape[0], i2t.device)
+    loss_i2t = F.cross_entropy(at_least_fp32(logit_scale * i2t), targets)
+    loss_t2i = F.cross_entropy(at_least_fp32(logit_scale * t2i), targets)
+    return (loss_i2t + loss_t2i) / 2
+
+
 def filip_loss(
     img_tokens: torch.Tensor,
     txt_tokens: torch.Tensor,
@@ -172,7 +181,4 @@ def filip_loss(
     all_mask = gather_no_grad(mask.to(torch.uint8)).bool()  # (world*B, k)
     i2t = _blocked(_i2t_block, (img,), (all_txt, all_mask), chunk_size)  # (B, world*B)
     t2i = _blocked(_t2i_block, (txt, mask), (all_img,), chunk_size)  # (B, world*B)
-    targets = local_targets(img.shape[0], img.device)
-    loss_i2t = F.cross_entropy(at_least_fp32(logit_scale * i2t), targets)
-    loss_t2i = F.cross_entropy(at_least_fp32(logit_scale * t2i), targets)
-    return (loss_i2t + loss_t2i) / 2
+    return symmetric_loss(i2t, t2i, logit_scale)

@@ -23,11 +23,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cliptransfer.contrastive.losses.clip import at_least_fp32, local_targets
-
 # The blocked, checkpointed similarity kernels of the default FILIP loss: with an all-True mask
 # `_i2t_block` is mean-over-rows of max-over-candidates and `_t2i_block` the same the other way.
-from cliptransfer.contrastive.losses.filip import _blocked, _i2t_block, _t2i_block
+from cliptransfer.contrastive.losses.filip import (
+    _blocked,
+    _i2t_block,
+    _t2i_block,
+    symmetric_loss,
+)
 from cliptransfer.engine.distributed import gather_with_grad
 
 __all__ = ["REFERENCE_FILIP_TOP_K", "filip_topk_loss", "select_partner_tokens"]
@@ -99,7 +102,4 @@ def filip_topk_loss(
     row_mask = torch.ones(txt.shape[:2], dtype=torch.bool, device=txt.device)
     i2t = _blocked(_i2t_block, (img,), (all_txt, cand_mask), chunk_size)  # (B, world*B)
     t2i = _blocked(_t2i_block, (txt, row_mask), (all_img,), chunk_size)  # (B, world*B)
-    targets = local_targets(img.shape[0], img.device)
-    loss_i2t = F.cross_entropy(at_least_fp32(logit_scale * i2t), targets)
-    loss_t2i = F.cross_entropy(at_least_fp32(logit_scale * t2i), targets)
-    return (loss_i2t + loss_t2i) / 2
+    return symmetric_loss(i2t, t2i, logit_scale)
