@@ -75,6 +75,9 @@ def test_items_are_seeded_and_follow_the_itm_and_qa_rules():
             else:
                 assert it["qa"] == IGNORE  # captions have no answers
             assert it["features"][0, 0] == (1.0 if i < 2 else 2.0)  # the item's own image
+            # image numbers (sorted image ids): the item's, and its sentence's (another if swapped)
+            assert it["image"] == (0 if i < 2 else 1)
+            assert (it["text_image"] == it["image"]) == bool(it["itm"])
     assert 60 < seen[0] < 100  # ITM swaps about half of 160
 
 

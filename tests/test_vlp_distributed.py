@@ -1,6 +1,7 @@
 """2-process (gloo, CPU) V&L pretraining objectives equal the 1-process values on one global batch
 (dropout off): each rank takes half, the terms averaged over ranks and the DDP-averaged gradients
-match one process on the whole batch, with uneven masked-token and QA counts per rank."""
+match one process on the whole batch, with uneven masked-token, QA and matched-pair counts per
+rank; ITC (ALBEF, gathered features) included."""
 
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ def _batch() -> dict[str, torch.Tensor]:
         "mlm_labels": torch.where(picked, ids, torch.full_like(ids, IGNORE)),
         "itm": torch.tensor([1, 0, 1, 1, 0, 0, 1, 0]),
         "qa": torch.tensor([2, IGNORE, IGNORE, IGNORE, 0, IGNORE, 1, 2]),  # 1 vs 3 per rank
+        # images; sentences of image 0 on both ranks (masked across ranks for ITC)
+        "image": torch.tensor([0, 1, 2, 0, 3, 4, 0, 5]),
+        "text_image": torch.tensor([0, 3, 2, 0, 1, 2, 0, 1]),
     }  # fmt: skip
 
 
@@ -38,10 +42,11 @@ def run_objectives() -> dict[str, torch.Tensor]:
     rows = slice(rank * B // world, (rank + 1) * B // world)
     torch.manual_seed(0)
     cfg = VLBertConfig(hidden=16, layers=1, heads=2, intermediate=32, max_text=8, dropout=0.0)
-    model = VLPHead(cfg, V, C, A)
+    model = VLPHead(cfg, V, C, A, itc_dim=8)
     b = {k: v[rows] for k, v in _batch().items()}
-    out = model(b["features"], b["visual_mask"], b["text_ids"], b["text_mask"], b["spatial"])
-    terms = vlp_losses(out, b, {"mlm": 1.0, "itm": 1.0, "qa": 1.0})
+    out = model(b["features"], b["visual_mask"], b["text_ids"], b["text_mask"], b["spatial"],
+                itm=b["itm"], image=b["image"], text_image=b["text_image"])  # fmt: skip
+    terms = vlp_losses(out, b, {"mlm": 1.0, "itm": 1.0, "qa": 1.0, "itc": 1.0}, 0.1)
     terms["loss"].backward()
     result = {}
     for name, value in terms.items():
@@ -60,8 +65,9 @@ def run_objectives() -> dict[str, torch.Tensor]:
 def test_two_processes_equal_one(fork_ranks):
     single = run_objectives()
     ranks = fork_ranks(run_objectives, WORLD)
-    assert set(single) >= {"loss", "mlm", "itm", "qa"} and set(ranks[0]) == set(single)
+    assert set(single) >= {"loss", "mlm", "itm", "qa", "itc"} and set(ranks[0]) == set(single)
     for key, ref in single.items():
         for r, res in enumerate(ranks):
             torch.testing.assert_close(res[key], ref, atol=1e-6, rtol=1e-5, msg=f"{key} rank {r}")
     assert single["grad/itm.weight"].abs().sum() > 0 and single["grad/mlm_bias"].abs().sum() > 0
+    assert single["grad/itc_text.weight"].abs().sum() > 0

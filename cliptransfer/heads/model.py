@@ -65,7 +65,8 @@ def mcan(cfg: HeadConfig, question: nn.Module, visual_dim: int, num_outputs: int
 
 class VLModel(nn.Module):
     """A task head over store features (`features`, `visual_mask`, `spatial` in the batch) or,
-    with a `backbone`, over the grid of `pixels`; text from `text_ids`/`text_mask`."""
+    with a `backbone`, over the grid of `pixels`; text from `text_ids`/`text_mask`; the batch
+    keys a head names in `batch_keys` are passed to it by name."""
 
     def __init__(self, head: nn.Module, backbone: nn.Module | None = None) -> None:
         super().__init__()
@@ -77,4 +78,5 @@ class VLModel(nn.Module):
             mask, spatial = grid_inputs(feats, hw)
         else:
             feats, mask, spatial = batch["features"], batch["visual_mask"], batch["spatial"]
-        return self.head(feats, mask, batch["text_ids"], batch["text_mask"], spatial)
+        extra = {k: batch[k] for k in getattr(self.head, "batch_keys", ()) if k in batch}
+        return self.head(feats, mask, batch["text_ids"], batch["text_mask"], spatial, **extra)

@@ -4,7 +4,8 @@ from the feature store (CLIP grid or BottomUp regions, the VQA heads' interface)
 
 Item: `text_ids` (L,) masked, `text_mask` (L,), `mlm_labels` (L,) (IGNORE off the masked
 positions), `itm` (1 = the image's own sentence), `qa` (answer index or IGNORE), `features`
-(N, C), `spatial` (N, 4), `index`.
+(N, C), `spatial` (N, 4), `index`, `image` / `text_image` (the numbers, in this dataset, of the
+item's image and of the image its sentence was written for: ITC and hard negatives use them).
 """
 
 from __future__ import annotations
@@ -120,6 +121,8 @@ class VLPDataset(Dataset):
         self.sentences, self.tokenizer, self.vocab = list(sentences), tokenizer, vocab
         self.inputs, self.ans2label, self.cfg = inputs, ans2label, cfg
         self.image_of = [s.img_id for s in self.sentences]
+        number = {img: k for k, img in enumerate(sorted(set(self.image_of)))}
+        self.image_number = [number[img] for img in self.image_of]
         self.seed, self.train, self.epoch = seed, train, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -151,13 +154,14 @@ class VLPDataset(Dataset):
                 visual["spatial"][keep],
             )
         return {"text_ids": masked, "text_mask": mask, "mlm_labels": labels, "itm": int(matched),
-                "qa": qa, "index": index, **visual}  # fmt: skip
+                "qa": qa, "index": index, "image": self.image_number[index],
+                "text_image": self.image_number[j], **visual}  # fmt: skip
 
 
 def collate_vlp(items: list[dict[str, Any]]) -> dict[str, Any]:
     batch = collate_visual(items)  # padded features + mask + spatial, or stacked pixels
     for key in ("text_ids", "text_mask", "mlm_labels"):
         batch[key] = torch.stack([it[key] for it in items])
-    for key in ("itm", "qa", "index"):
+    for key in ("itm", "qa", "index", "image", "text_image"):
         batch[key] = torch.tensor([it[key] for it in items], dtype=torch.long)
     return batch

@@ -51,12 +51,21 @@ class VLPLossConfig:
     qa: float = 1.0
     qa_from_epoch: int = 1  # stage 2: QA joins from this (0-based) epoch on
     min_answer_count: int = 1  # QA table: answers given (as a label) at least this often
+    # ALBEF (beyond CLIP-ViL_p, off by default): ITC before fusion, ITM hard negatives by it.
+    itc: float = 0.0
+    itc_dim: int = 128
+    itc_temperature: float = 0.07
+    hard_negatives: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("mlm", "itm", "qa"):
+        for name in ("mlm", "itm", "qa", "itc"):
             check_range(name, getattr(self, name), ge=0)
         check_range("qa_from_epoch", self.qa_from_epoch, ge=0)
         check_range("min_answer_count", self.min_answer_count, ge=1)
+        check_range("itc_dim", self.itc_dim, gt=0)
+        check_range("itc_temperature", self.itc_temperature, gt=0)
+        if self.hard_negatives and not self.itc:
+            raise ConfigError("loss.hard_negatives: drawn by ITC similarity, set loss.itc > 0")
 
 
 @dataclass
@@ -151,17 +160,20 @@ class VLPTask(VLTask):
         return max(len(self.answers), 1)
 
     def build_head(self) -> nn.Module:
+        loss = self.cfg.loss
         return VLPHead(self.cfg.model.vlbert, self.tokenizer.vocab_size, self.side.dim,
-                       len(self.answers))  # fmt: skip
+                       len(self.answers), itc_dim=loss.itc_dim if loss.itc else 0,
+                       itc_temperature=loss.itc_temperature,
+                       hard_negatives=loss.hard_negatives)  # fmt: skip
 
     def weights(self) -> dict[str, float]:
         loss = self.cfg.loss
         epoch = getattr(self.train_data, "epoch", 0)
         qa = loss.qa if self.answers and epoch >= loss.qa_from_epoch else 0.0
-        return {"mlm": loss.mlm, "itm": loss.itm, "qa": qa}
+        return {"mlm": loss.mlm, "itm": loss.itm, "qa": qa, "itc": loss.itc}
 
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return vlp_losses(model(batch), batch, self.weights())
+        return vlp_losses(model(batch), batch, self.weights(), self.cfg.loss.itc_temperature)
 
     def evaluate(self, model: nn.Module, split: str) -> tuple[None, dict]:
         def per_item(m: nn.Module, b: dict) -> dict[str, torch.Tensor]:
