@@ -139,14 +139,14 @@ def test_the_fusion_forward_scores_exactly_the_drawn_pairs():
     torch.testing.assert_close(terms["loss"], terms["itm"] + 0.5 * itc)
 
 
-def test_settings_and_transfer_drop_the_itc_heads(tmp_path: Path):
+def test_settings_and_transfer_drop_the_itc_and_feature_heads(tmp_path: Path):
     with pytest.raises(ConfigError, match="loss.itc > 0"):
         VLPLossConfig(hard_negatives=True)
     with pytest.raises(ValueError, match="itc_dim"):
         VLPHead(CFG, 30, 6, 5, hard_negatives=True)
     from cliptransfer.tasks.vl_model import save_model_dir
 
-    pre = VLPHead(CFG, 30, 6, 5, itc_dim=8)
+    pre = VLPHead(CFG, 30, 6, 5, itc_dim=8, feature_regression=True)
     save_model_dir(tmp_path, {f"head.{k}": v for k, v in pre.state_dict().items()}, {})
     task = VLBert(CFG, 30, 6, 3)
     got = load_pretrained_head(task, tmp_path, None)

@@ -92,3 +92,16 @@ def test_grid_keep_and_collate():
     assert batch["features"].shape == (2, 6, 3) and batch["visual_mask"].sum(1).tolist() == [6, 4]
     assert batch["text_ids"].shape == batch["mlm_labels"].shape == (2, 12)
     assert batch["index"].tolist() == [0, 2]
+
+
+def test_masked_cells_train_only_seeded_and_padded():
+    ds = _dataset(mask_cells=0.5, itm_prob=0.0)
+    a, b = ds[0], ds[0]
+    assert a["masked_cells"].dtype == torch.bool and a["masked_cells"].shape == (6,)
+    assert torch.equal(a["masked_cells"], b["masked_cells"])  # a function of (seed, epoch, index)
+    total = sum(int(ds[i % 4]["masked_cells"].sum()) for i in range(4) for ds.epoch in range(50))
+    assert 0.4 < total / (50 * (6 + 6 + 4 + 4)) < 0.6
+    assert "masked_cells" not in _dataset(train=False, mask_cells=0.5)[0]
+    batch = collate_vlp([ds[2], ds[0]])  # 4 and 6 cells: the short one padded with False
+    assert batch["masked_cells"].shape == (2, 6) and not batch["masked_cells"][0, 4:].any()
+    assert torch.equal(batch["masked_cells"][1], ds[0]["masked_cells"])

@@ -1,7 +1,7 @@
 """2-process (gloo, CPU) V&L pretraining objectives equal the 1-process values on one global batch
 (dropout off): each rank takes half, the terms averaged over ranks and the DDP-averaged gradients
 match one process on the whole batch, with uneven masked-token, QA and matched-pair counts per
-rank; ITC (ALBEF, gathered features) included."""
+rank; ITC (ALBEF, gathered features) and masked feature regression included."""
 
 from __future__ import annotations
 
@@ -34,6 +34,9 @@ def _batch() -> dict[str, torch.Tensor]:
         # images; sentences of image 0 on both ranks (masked across ranks for ITC)
         "image": torch.tensor([0, 1, 2, 0, 3, 4, 0, 5]),
         "text_image": torch.tensor([0, 3, 2, 0, 1, 2, 0, 1]),
+        # masked cells for feature regression: 1 on rank 0, 4 on rank 1
+        "masked_cells": torch.tensor([[1, 0, 0, 0, 0]] + [[0] * 5] * 3 + [[1, 1, 0, 0, 0]] * 2
+                                     + [[0] * 5] * 2, dtype=torch.bool),
     }  # fmt: skip
 
 
@@ -42,11 +45,13 @@ def run_objectives() -> dict[str, torch.Tensor]:
     rows = slice(rank * B // world, (rank + 1) * B // world)
     torch.manual_seed(0)
     cfg = VLBertConfig(hidden=16, layers=1, heads=2, intermediate=32, max_text=8, dropout=0.0)
-    model = VLPHead(cfg, V, C, A, itc_dim=8)
+    model = VLPHead(cfg, V, C, A, itc_dim=8, feature_regression=True)
     b = {k: v[rows] for k, v in _batch().items()}
     out = model(b["features"], b["visual_mask"], b["text_ids"], b["text_mask"], b["spatial"],
-                itm=b["itm"], image=b["image"], text_image=b["text_image"])  # fmt: skip
-    terms = vlp_losses(out, b, {"mlm": 1.0, "itm": 1.0, "qa": 1.0, "itc": 1.0}, 0.1)
+                itm=b["itm"], image=b["image"], text_image=b["text_image"],
+                masked_cells=b["masked_cells"])  # fmt: skip
+    weights = {"mlm": 1.0, "itm": 1.0, "qa": 1.0, "itc": 1.0, "mfr": 1.0}
+    terms = vlp_losses(out, b, weights, 0.1)
     terms["loss"].backward()
     result = {}
     for name, value in terms.items():
@@ -65,9 +70,12 @@ def run_objectives() -> dict[str, torch.Tensor]:
 def test_two_processes_equal_one(fork_ranks):
     single = run_objectives()
     ranks = fork_ranks(run_objectives, WORLD)
-    assert set(single) >= {"loss", "mlm", "itm", "qa", "itc"} and set(ranks[0]) == set(single)
+    assert set(single) >= {"loss", "mlm", "itm", "qa", "itc", "mfr"} and set(ranks[0]) == set(
+        single
+    )
     for key, ref in single.items():
         for r, res in enumerate(ranks):
             torch.testing.assert_close(res[key], ref, atol=1e-6, rtol=1e-5, msg=f"{key} rank {r}")
     assert single["grad/itm.weight"].abs().sum() > 0 and single["grad/mlm_bias"].abs().sum() > 0
     assert single["grad/itc_text.weight"].abs().sum() > 0
+    assert single["grad/feature_head.3.weight"].abs().sum() > 0

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from cliptransfer.heads.vlbert import VLBert, VLBertConfig
-from cliptransfer.vlp.model import VLPHead, vlp_losses
+from cliptransfer.vlp.model import VLPHead, feature_regression_loss, vlp_losses
 from cliptransfer.vlp.objectives import IGNORE
 
 CFG = VLBertConfig(hidden=16, layers=1, heads=2, intermediate=32, max_text=16, dropout=0.0)
@@ -65,3 +65,32 @@ def test_pretrained_weights_load_into_the_task_head():
     task.load_state_dict(state, strict=True)  # same names, same shapes
     b = _batch(torch.Generator().manual_seed(2))
     torch.testing.assert_close(_run(task, b), _run(pre, b)["qa"])
+
+
+def test_feature_regression_by_hand_and_masked_cells_enter_as_zeros():
+    pred = torch.tensor(
+        [[[1.0, 2.0], [0.0, 0.0], [3.0, 3.0]], [[1.0, 1.0], [2.0, 0.0], [0.0, 0.0]]]
+    )
+    target = torch.tensor(
+        [[[0.0, 0.0], [5.0, 5.0], [1.0, 3.0]], [[1.0, 1.0], [0.0, 0.0], [0.0, 4.0]]]
+    )
+    masked = torch.tensor([[True, False, True], [False, True, True]])
+    # per masked cell, mean over the 2 channels: (1 + 4) / 2, (4 + 0) / 2, (4 + 0) / 2, (0 + 16) / 2
+    expected = torch.tensor((2.5 + 2.0 + 2.0 + 8.0) / 4)
+    torch.testing.assert_close(feature_regression_loss(pred, target, masked), expected)
+    assert feature_regression_loss(pred, target, torch.zeros_like(masked)).item() == 0.0
+
+    torch.manual_seed(0)
+    model = VLPHead(CFG, V, C, A, feature_regression=True).eval()
+    b = _batch(torch.Generator().manual_seed(3))
+    cells = torch.tensor([[True, False, False, True], [False] * 4, [False, True, False, False]])
+    out = model(b["features"], b["visual_mask"], b["text_ids"], b["text_mask"], b["spatial"],
+                masked_cells=cells)  # fmt: skip
+    zeroed = _run(model, {**b, "features": b["features"].masked_fill(cells[..., None], 0.0)})
+    for key in ("mlm", "itm", "qa", "cells"):
+        torch.testing.assert_close(out[key], zeroed[key])
+    assert out["cells"].shape == (3, 4, C)
+    terms = vlp_losses(out, {**b, "masked_cells": cells}, {"mfr": 1.0})
+    torch.testing.assert_close(
+        terms["mfr"], feature_regression_loss(out["cells"], b["features"], cells)
+    )

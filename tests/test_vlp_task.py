@@ -44,6 +44,7 @@ def test_report_final_folder_and_qa_stage(pretrained, tiny_world: Path):
     for key in ("untrained", "pretrained"):
         m = report[key]
         assert 0 <= m["mlm_accuracy"] <= 100 and 0 <= m["itm_accuracy"] <= 100
+        assert 0 <= m["mlm_accuracy_other_image"] <= 100
         assert m["pairs"] > 0 and m["masked_tokens"] > 0
     assert report["untrained"]["pairs"] == report["pretrained"]["pairs"]  # the same held-out set
     final = out / "final"
@@ -126,7 +127,7 @@ def test_lora_on_the_pretrained_fusion_transformer(pretrained, tiny_world: Path,
     assert type(model.head).__name__ == "VLBert"
 
 
-def test_end2end_on_pixels_with_the_backbone_in_sgd(tiny_world: Path, tmp_path: Path):
+def test_end2end_on_pixels_with_the_backbone_in_sgd(tiny_world: Path, tmp_path: Path, capsys):
     """CLIP-ViL_p end to end: pixels through the CLIP tower, which trains in its own SGD."""
     out = tmp_path / "run"
     report = run_task(VLPTask, _args(tiny_world, out, tmp_path / "cache", "mode=end2end",
@@ -134,6 +135,11 @@ def test_end2end_on_pixels_with_the_backbone_in_sgd(tiny_world: Path, tmp_path: 
                                      "backbone_optim.lr=0.003"))  # fmt: skip
     assert report["steps"] == 2 and report["pretrained"]["pairs"] > 0
     assert not (tmp_path / "cache").exists()  # pixels, no feature store
+    for stored_cells_only in ("data.grid_keep=100", "data.mask_cells=0.15"):
+        with pytest.raises(SystemExit):  # refused before any work
+            run_task(VLPTask, _args(tiny_world, out, tmp_path / "cache", "mode=end2end",
+                                    stored_cells_only))  # fmt: skip
+        assert f"{stored_cells_only.split('=')[0]}: " in capsys.readouterr().err
     step = sorted((out / "checkpoints").iterdir())[-1]
     (group,) = torch.load(step / "optimizer-1.pt", weights_only=True)["param_groups"]
     assert group["lr"] == 0.003 and group["params"]

@@ -5,7 +5,9 @@ from the feature store (CLIP grid or BottomUp regions, the VQA heads' interface)
 Item: `text_ids` (L,) masked, `text_mask` (L,), `mlm_labels` (L,) (IGNORE off the masked
 positions), `itm` (1 = the image's own sentence), `qa` (answer index or IGNORE), `features`
 (N, C), `spatial` (N, 4), `index`, `image` / `text_image` (the numbers, in this dataset, of the
-item's image and of the image its sentence was written for: ITC and hard negatives use them).
+item's image and of the image its sentence was written for: ITC and hard negatives use them),
+`masked_cells` (N,) bool with `data.mask_cells` (train only: the cells whose feature is zeroed
+and regressed, LXMERT's masked feature regression).
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class VLPDataConfig:
     whole_word: bool = False
     itm_prob: float = 0.5  # probability that a sentence is swapped for another image's
     grid_keep: int = 0  # train only: keep this many random cells per image (0 = all)
+    mask_cells: float = 0.0  # train only: fraction of cells zeroed for feature regression (LXMERT)
     images: str = ""  # COCO root with train2014/, val2014/ (grid extraction, end2end)
     skip_missing: bool = False  # count and drop sentences whose image has no features
     num_workers: int = 0
@@ -78,6 +81,7 @@ class VLPDataConfig:
         check_range("mlm_prob", self.mlm_prob, ge=0, le=1)
         check_range("itm_prob", self.itm_prob, ge=0, lt=1)
         check_range("grid_keep", self.grid_keep, ge=0)
+        check_range("mask_cells", self.mask_cells, ge=0, lt=1)
         check_range("num_workers", self.num_workers, ge=0)
 
 
@@ -153,6 +157,10 @@ class VLPDataset(Dataset):
                 visual["features"][keep],
                 visual["spatial"][keep],
             )
+        if self.train and cfg.mask_cells:  # each cell zeroed with this probability (LXMERT 0.15)
+            visual["masked_cells"] = (
+                torch.rand(visual["features"].shape[0], generator=g) < cfg.mask_cells
+            )
         return {"text_ids": masked, "text_mask": mask, "mlm_labels": labels, "itm": int(matched),
                 "qa": qa, "index": index, "image": self.image_number[index],
                 "text_image": self.image_number[j], **visual}  # fmt: skip
@@ -160,6 +168,10 @@ class VLPDataset(Dataset):
 
 def collate_vlp(items: list[dict[str, Any]]) -> dict[str, Any]:
     batch = collate_visual(items)  # padded features + mask + spatial, or stacked pixels
+    if "masked_cells" in items[0]:  # padded with False like the visual mask
+        batch["masked_cells"] = torch.zeros_like(batch["visual_mask"])
+        for i, it in enumerate(items):
+            batch["masked_cells"][i, : len(it["masked_cells"])] = it["masked_cells"]
     for key in ("text_ids", "text_mask", "mlm_labels"):
         batch[key] = torch.stack([it[key] for it in items])
     for key in ("itm", "qa", "index", "image", "text_image"):

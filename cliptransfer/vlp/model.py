@@ -7,6 +7,9 @@ losses as named terms.
 - QA: the head's own answer MLP (`classifier`, LXMERT's `logit_fc`) over the pretraining
   answer table, so fine-tuning VQA starts from it for the answers both tables share
   (`cliptransfer.vlp.transfer`).
+- Optional (LXMERT's masked feature regression, `feature_regression`): the cells in
+  `masked_cells` enter as zeros and their original features are regressed from their final
+  states (Linear - GeLU - LayerNorm - Linear; mean squared error per cell).
 - Optional (ALBEF, `cliptransfer.vlp.contrast`): ITC on the pooled embedding layers
   (`itc_dim` > 0), and in training ITM hard negatives: for the matched items, one sentence of
   another image per image and one image of another picture per sentence, drawn in proportion to
@@ -28,11 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from cliptransfer.contrastive.losses.declip import mlm_loss
+from cliptransfer.engine.distributed import reduce_sum, world_info
 from cliptransfer.heads.vlbert import VLBert, VLBertConfig
 from cliptransfer.vlp.contrast import itc_loss, masked_mean, sample_hard_negatives
 from cliptransfer.vlp.objectives import IGNORE
 
-__all__ = ["VLPHead", "vlp_losses"]
+__all__ = ["VLPHead", "feature_regression_loss", "vlp_losses"]
 
 
 class VLPHead(VLBert):
@@ -42,11 +46,11 @@ class VLPHead(VLBert):
     "itm_target" (B + 2M,))."""
 
     # The batch keys beyond the visual inputs and text that `VLModel` passes on.
-    batch_keys = ("itm", "image", "text_image")
+    batch_keys = ("itm", "image", "text_image", "masked_cells")
 
     def __init__(self, cfg: VLBertConfig, vocab_size: int, visual_dim: int, num_answers: int,
                  pad_id: int = 0, itc_dim: int = 0, itc_temperature: float = 0.07,
-                 hard_negatives: bool = False) -> None:  # fmt: skip
+                 hard_negatives: bool = False, feature_regression: bool = False) -> None:  # fmt: skip
         super().__init__(cfg, vocab_size, visual_dim, max(num_answers, 1), pad_id)
         if hard_negatives and not itc_dim:
             raise ValueError("VLPHead: hard negatives are drawn by ITC similarity: set itc_dim")
@@ -57,6 +61,9 @@ class VLPHead(VLBert):
         self.itc_temperature, self.hard_negatives = itc_temperature, hard_negatives
         if itc_dim:
             self.itc_image, self.itc_text = nn.Linear(h, itc_dim), nn.Linear(h, itc_dim)
+        if feature_regression:
+            self.feature_head = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.LayerNorm(h),
+                                              nn.Linear(h, visual_dim))  # fmt: skip
 
     def pooled_sides(
         self, features, mask, text_ids, text_mask
@@ -70,9 +77,11 @@ class VLPHead(VLBert):
         return F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
 
     def forward(self, features, mask, text_ids, text_mask, spatial, itm=None, image=None,
-                text_image=None) -> dict[str, torch.Tensor]:  # fmt: skip
+                text_image=None, masked_cells=None) -> dict[str, torch.Tensor]:  # fmt: skip
         out: dict[str, torch.Tensor] = {}
         B = text_ids.shape[0]
+        if masked_cells is not None:  # zeroed in every use of the batch (also ITC, negatives)
+            features = features.masked_fill(masked_cells.unsqueeze(-1), 0.0)
         rows = [features, mask, text_ids, text_mask, spatial]
         if hasattr(self, "itc_image"):
             out["itc_image"], out["itc_text"] = self.pooled_sides(features, mask, text_ids,
@@ -93,13 +102,16 @@ class VLPHead(VLBert):
         text = self.mlm_transform(states[:B, : text_ids.shape[1]])  # (B, L, H)
         out.update(mlm=text @ words.t() + self.mlm_bias, itm=self.itm(pooled),
                    qa=self.classifier(pooled[:B]))  # fmt: skip
+        if hasattr(self, "feature_head"):
+            out["cells"] = self.feature_head(states[:B, text_ids.shape[1] :])  # (B, N, C)
         return out
 
 
 def vlp_losses(out: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor],
                weights: Mapping[str, float], itc_temperature: float = 0.07,
                ) -> dict[str, torch.Tensor]:  # fmt: skip
-    """{"loss": weighted sum, "mlm", "itm", "qa", "itc"} for the terms whose weight is > 0."""
+    """{"loss": weighted sum, "mlm", "itm", "qa", "mfr", "itc"} for the terms whose weight is
+    > 0."""
     terms: dict[str, torch.Tensor] = {}
     if weights.get("mlm", 0) > 0:
         terms["mlm"] = mlm_loss(out["mlm"], batch["mlm_labels"], IGNORE)
@@ -108,6 +120,9 @@ def vlp_losses(out: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor
         terms["itm"] = F.cross_entropy(out["itm"].float(), target)
     if weights.get("qa", 0) > 0:
         terms["qa"] = mlm_loss(out["qa"], batch["qa"], IGNORE)  # matched questions only
+    if weights.get("mfr", 0) > 0:
+        terms["mfr"] = feature_regression_loss(out["cells"], batch["features"],
+                                               batch["masked_cells"])  # fmt: skip
     if weights.get("itc", 0) > 0:
         terms["itc"] = itc_loss(out["itc_image"], out["itc_text"], batch["image"],
                                 batch["text_image"], batch["itm"], itc_temperature)  # fmt: skip
@@ -115,3 +130,16 @@ def vlp_losses(out: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor
         raise ValueError("vlp_losses: no objective has a weight > 0")
     total = sum(weights[k] * v for k, v in terms.items())
     return {"loss": total, **terms}
+
+
+def feature_regression_loss(pred: torch.Tensor, target: torch.Tensor,
+                            masked: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Mean over the masked cells of the global batch of each cell's mean squared error over
+    channels (LXMERT's "feat" loss); pred, target (B, N, C), masked (B, N). The local sum is
+    divided by the global count times the world size (exact across processes, as `mlm_loss`)."""
+    _, world = world_info()
+    per_cell = (pred.float() - target.float().detach()).pow(2).mean(-1)  # (B, N)
+    count = reduce_sum(masked.sum())
+    if count.item() == 0:
+        return pred.sum() * 0.0
+    return per_cell[masked.bool()].sum() * world / count.to(per_cell.dtype)

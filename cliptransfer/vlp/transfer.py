@@ -1,7 +1,7 @@
 """Fine-tuning from V&L pretraining: a `pretrain/vl.py` `final/` folder into a task's `vlbert`
 head (`--set model.init_from=FOLDER`).
 
-Every transformer and visual-embedding weight loads; the pretraining-only heads (MLM, ITM, ITC)
+Every transformer and visual-embedding weight loads; the pretraining-only heads (MLM, ITM, ITC, feature regression)
 are dropped. The answer MLP's hidden layers load too; its output layer (LXMERT's `load_lxmert_qa`)
 takes the QA head's row for every answer both tables share and keeps its fresh initialisation
 for the others (all of them for SNLI-VE's three labels, which no QA table has).
@@ -20,7 +20,7 @@ from cliptransfer.tasks.vqa.answers import load_answer_vocab
 
 __all__ = ["load_pretrained_head"]
 
-_PRETRAIN_ONLY = ("mlm_transform.", "mlm_bias", "itm.", "itc_image.", "itc_text.")
+_PRETRAIN_ONLY = ("mlm_transform.", "mlm_bias", "itm.", "itc_image.", "itc_text.", "feature_head.")
 _OUTPUT = "classifier.3."  # the answer MLP's last Linear
 
 

@@ -43,12 +43,15 @@ from cliptransfer.vlp.objectives import IGNORE
 
 __all__ = ["VLPConfig", "VLPLossConfig", "VLPTask"]
 
+_VISUAL = ("features", "visual_mask", "spatial", "pixels")
+
 
 @dataclass
 class VLPLossConfig:
     mlm: float = 1.0
     itm: float = 1.0
     qa: float = 1.0
+    mfr: float = 1.0  # masked feature regression, on when data.mask_cells > 0 (LXMERT's "feat")
     qa_from_epoch: int = 1  # stage 2: QA joins from this (0-based) epoch on
     min_answer_count: int = 1  # QA table: answers given (as a label) at least this often
     # ALBEF (beyond CLIP-ViL_p, off by default): ITC before fusion, ITM hard negatives by it.
@@ -58,7 +61,7 @@ class VLPLossConfig:
     hard_negatives: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("mlm", "itm", "qa", "itc"):
+        for name in ("mlm", "itm", "qa", "mfr", "itc"):
             check_range(name, getattr(self, name), ge=0)
         check_range("qa_from_epoch", self.qa_from_epoch, ge=0)
         check_range("min_answer_count", self.min_answer_count, ge=1)
@@ -97,6 +100,8 @@ class VLPTask(VLTask):
             )
         if cfg.mode == "end2end" and cfg.data.grid_keep:
             raise ConfigError("data.grid_keep: sub-samples stored grids; end2end has pixels")
+        if cfg.mode == "end2end" and cfg.data.mask_cells:
+            raise ConfigError("data.mask_cells: masks stored cells; end2end has pixels")
         super().apply_arguments(cfg, args)
 
     def uses_world(self) -> bool:
@@ -164,13 +169,15 @@ class VLPTask(VLTask):
         return VLPHead(self.cfg.model.vlbert, self.tokenizer.vocab_size, self.side.dim,
                        len(self.answers), itc_dim=loss.itc_dim if loss.itc else 0,
                        itc_temperature=loss.itc_temperature,
-                       hard_negatives=loss.hard_negatives)  # fmt: skip
+                       hard_negatives=loss.hard_negatives,
+                       feature_regression=bool(self.cfg.data.mask_cells))  # fmt: skip
 
     def weights(self) -> dict[str, float]:
         loss = self.cfg.loss
         epoch = getattr(self.train_data, "epoch", 0)
         qa = loss.qa if self.answers and epoch >= loss.qa_from_epoch else 0.0
-        return {"mlm": loss.mlm, "itm": loss.itm, "qa": qa, "itc": loss.itc}
+        mfr = loss.mfr if self.cfg.data.mask_cells else 0.0
+        return {"mlm": loss.mlm, "itm": loss.itm, "qa": qa, "mfr": mfr, "itc": loss.itc}
 
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return vlp_losses(model(batch), batch, self.weights(), self.cfg.loss.itc_temperature)
@@ -180,8 +187,14 @@ class VLPTask(VLTask):
             out = m(b)
             picked = b["mlm_labels"] != IGNORE
             hit = (out["mlm"].argmax(-1) == b["mlm_labels"]) & picked
+            # The same sentences over the cells of the item half a batch away (another image,
+            # as a batch holds many): MLM that reads the image drops here, text-only MLM does not.
+            half = len(b["index"]) // 2
+            other = {k: v.roll(half, 0) if k in _VISUAL else v for k, v in b.items()}
+            hit_other = (m(other)["mlm"].argmax(-1) == b["mlm_labels"]) & picked
             qa_ok = b["qa"] != IGNORE
             return {"index": b["index"], "mlm_hit": hit.sum(1), "mlm_n": picked.sum(1),
+                    "mlm_other_hit": hit_other.sum(1),
                     "itm_hit": (out["itm"].argmax(-1) == b["itm"]).long(),
                     "qa_hit": ((out["qa"].argmax(-1) == b["qa"]) & qa_ok).long(),
                     "qa_n": qa_ok.long()}  # fmt: skip
@@ -193,6 +206,7 @@ class VLPTask(VLTask):
             return 100.0 * int(got[hit].sum()) / total if total else None
 
         metrics = {"mlm_accuracy": pct("mlm_hit", got["mlm_n"]),
+                   "mlm_accuracy_other_image": pct("mlm_other_hit", got["mlm_n"]),
                    "itm_accuracy": pct("itm_hit", len(got["itm_hit"])),
                    "qa_accuracy": pct("qa_hit", got["qa_n"]),
                    "pairs": len(got["itm_hit"]), "masked_tokens": int(got["mlm_n"].sum())}  # fmt: skip
@@ -224,8 +238,9 @@ class VLPTask(VLTask):
         rows = []
         for name, key in (("untrained", "untrained"), ("pretrained", "pretrained")):
             m = report.get(key) or {}
-            rows.append([name, m.get("mlm_accuracy"), m.get("itm_accuracy"), m.get("qa_accuracy")])
-        print(
-            markdown_table(["held-out pairs", "MLM accuracy", "ITM accuracy", "QA accuracy"], rows)
-        )
+            rows.append([name, m.get("mlm_accuracy"), m.get("mlm_accuracy_other_image"),
+                         m.get("itm_accuracy"), m.get("qa_accuracy")])  # fmt: skip
+        head = ["held-out pairs", "MLM accuracy", "MLM, another image's cells", "ITM accuracy",
+                "QA accuracy"]  # fmt: skip
+        print(markdown_table(head, rows))
         print(f"skipped: {report['skipped']}; model written to {self.run.out / 'final'}")
