@@ -280,13 +280,16 @@ def run_benchmark(
     *,
     quick: bool = False,
     rerun: bool = False,
+    report_only: bool = False,
     launcher: str | None = None,
     script: str | Path | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run (or reuse) every cell, probe it, then write OUT/benchmark.{md,json} and the PNGs.
     Stops at the first failing cell with an error naming it, its exit code and its log
-    (OUT/<cell>/benchmark.log). Returns the benchmark.json content."""
+    (OUT/<cell>/benchmark.log). `report_only`: run nothing; the table of the cells this command
+    has finished, the others listed as missing (a long benchmark read while it runs).
+    Returns the benchmark.json content."""
     from cliptransfer.benchmark_report import write_report
 
     started = time.monotonic()
@@ -297,11 +300,18 @@ def run_benchmark(
     out = Path(out or ("runs/benchmark-quick" if quick else "runs/benchmark"))
     budget = list(QUICK if quick else BUDGET)
     prefix = shlex.split(launcher) if launcher else [sys.executable]
-    rows = []
+    rows, missing = [], []
     for i, cell in enumerate(cells, 1):
         run_dir = out / cell.name
         args = set_args([*budget, *cell.overrides(run_dir), *overrides, "train.resume=latest"])
         record = {"script": path.name, "launcher": launcher, "args": args}
+        if report_only:
+            if _finished_by(run_dir, record):
+                metrics = _read_cell(cell.name)(run_dir / "metrics.json")
+                rows.append(cell_row(cell, metrics, _probe(run_dir, True, log), run_dir, True))
+            else:
+                missing.append(cell.name)
+            continue
         _resume_or_restart(run_dir, record, rerun)
         metrics, reused = run_recorded(
             cell.name, [*prefix, str(path), *args], record, run_dir, rerun=rerun, log=log,
@@ -311,15 +321,24 @@ def run_benchmark(
         rows.append(cell_row(cell, metrics, _probe(run_dir, reused, log), run_dir, reused))
     setup = {"methods": m, "archs": a, "text_layers": layers, "data_noise": levels, "seeds": s,
              "quick": quick, "budget": budget, "overrides": list(overrides),
-             "launcher": launcher, "script": str(path),
+             "launcher": launcher, "script": str(path), "missing": missing,
              "wall_seconds": time.monotonic() - started}  # fmt: skip
+    if not rows:
+        raise BenchmarkError(f"{out}: no cell of this command has finished yet")
     return write_report(out, rows, setup, log)
+
+
+def _finished_by(run_dir: Path, record: dict) -> bool:
+    """Whether run_dir holds a finished run of exactly this cell command."""
+    rec = run_dir / RECORD
+    return (run_dir / "metrics.json").is_file() and rec.is_file() and read_json(rec) == record
 
 
 def _command(args: argparse.Namespace) -> int:
     run_benchmark(
         args.methods, args.archs, args.text_layers, args.data_noise, args.seeds, args.out,
-        args.overrides, quick=args.quick, rerun=args.rerun, launcher=args.launcher,
+        args.overrides, quick=args.quick, rerun=args.rerun, report_only=args.report_only,
+        launcher=args.launcher,
         script=args.script,
     )  # fmt: skip
     return 0
@@ -364,4 +383,10 @@ def add_benchmark_command(sub: Any) -> None:
         "--script", help="the trainer (default: pretrain/contrastive.py of this checkout)"
     )
     bench.add_argument("--rerun", action="store_true", help="rerun cells that finished earlier")
+    bench.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: the table of the cells this command has finished (the rest listed "
+        "as missing), e.g. while a long benchmark runs",
+    )
     bench.set_defaults(func=_command)

@@ -205,6 +205,13 @@ def _noise_lines(groups: list[dict]) -> str:
                    for k, v in levels.items())  # fmt: skip
 
 
+def _missing_line(missing: list[str]) -> str:
+    if not missing:
+        return ""
+    return (f"**Partial table** (`--report-only`): {len(missing)} cells not finished yet: "
+            f"{', '.join(missing)}.\n\n")  # fmt: skip
+
+
 def write_report(out: Path, rows: list[dict], setup: dict, log: Callable[[str], None]) -> dict:
     """OUT/benchmark.md, benchmark.json, benchmark_bars.png and benchmark_cost.png."""
     cols = columns(rows)
@@ -221,6 +228,7 @@ def write_report(out: Path, rows: list[dict], setup: dict, log: Callable[[str], 
         f"(seeds {', '.join(map(str, setup['seeds']))}); {total / 60:.1f} min inside the runs, "
         f"{setup['wall_seconds'] / 60:.1f} min of wall time (cells reused: "
         f"{sum(r['reused'] for r in rows)}).\n\n"
+        f"{_missing_line(setup.get('missing') or [])}"
         "Scores in %: retrieval on the validation pairs, zero-shot top-1 on the zero-shot images, "
         "and a linear probe (5-fold cross-validated logistic regression) on the frozen image "
         "embeddings of the same images: a probe far above zero-shot means the image tower sees "

@@ -249,3 +249,23 @@ def test_one_real_tiny_cell(tiny_world: Path, tmp_path: Path):
     assert all(0 <= v <= 100 for v in row["scores"].values())
     md = (tmp_path / "b" / "benchmark.md").read_text()
     assert "Caption noise 0.5: 120 of 240 training pairs per run" in md
+
+
+def test_report_only_tables_the_finished_cells_of_this_command(fake: Path, tmp_path: Path):
+    out = tmp_path / "bench"
+    kw = dict(out=out, script=fake, log=lambda _: None)
+    with pytest.raises(BenchmarkError, match="no cell of this command has finished"):
+        run_benchmark("clip,slip", "RN-tiny", seeds="0,1", report_only=True, **kw)
+    run_benchmark("clip", "RN-tiny", seeds="0,1", **kw)  # 2 of the 4 cells
+    assert len(_calls(fake)) == 2
+    part = run_benchmark("clip,slip", "RN-tiny", seeds="0,1", report_only=True, **kw)
+    assert len(_calls(fake)) == 2  # nothing ran
+    assert [r["cell"] for r in part["rows"]] == ["clip-RN-tiny-seed0", "clip-RN-tiny-seed1"]
+    assert part["setup"]["missing"] == ["slip-RN-tiny-seed0", "slip-RN-tiny-seed1"]
+    assert part["groups"][0]["mean"]["retrieval_mean_R"] == 11.0 and not part["gains"]
+    md = (out / "benchmark.md").read_text()
+    assert "2 cells not finished yet: slip-RN-tiny-seed0, slip-RN-tiny-seed1" in md
+    # A cell finished by another command is missing for this one, not borrowed.
+    with pytest.raises(BenchmarkError, match="no cell of this command has finished"):
+        run_benchmark("clip", "RN-tiny", seeds="0,1", overrides=["optim.lr=0.1"],
+                      report_only=True, **kw)  # fmt: skip
