@@ -15,6 +15,7 @@ __all__ = [
     "set_cpu_threads",
     "gather_no_grad",
     "gather_with_grad",
+    "global_mean",
     "is_distributed",
     "reduce_sum",
     "world_info",
@@ -102,3 +103,15 @@ def reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+def global_mean(total: torch.Tensor, count: torch.Tensor, graph: torch.Tensor) -> torch.Tensor:
+    """A loss averaged over a number of items that differs per rank (masked tokens, matched
+    pairs): this rank's sum `total` over its `count` items, divided by the count over all ranks
+    times the world size, so DDP's gradient mean is the exact mean over the global batch. With
+    no item on any rank the loss is 0, built from `graph` so backward still works."""
+    _, world = world_info()
+    count = reduce_sum(count)
+    if count.item() == 0:
+        return graph.sum() * 0.0
+    return total * world / count.to(total.dtype)

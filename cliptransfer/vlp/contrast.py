@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cliptransfer.engine.distributed import gather_no_grad, gather_with_grad, reduce_sum, world_info
+from cliptransfer.contrastive.losses.clip import local_targets
+from cliptransfer.engine.distributed import gather_no_grad, gather_with_grad, global_mean
 
 __all__ = ["hard_negative_weights", "itc_loss", "masked_mean", "sample_hard_negatives"]
 
@@ -30,11 +31,10 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _same_image_off_diagonal(rows: torch.Tensor, cols: torch.Tensor,
-                             offset: int) -> torch.Tensor:  # fmt: skip
-    """(B, G) bool: column j shows row i's image but is not row i's own pair (global i + offset)."""
+                             own: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """(B, G) bool: column j shows row i's image but is not row i's own pair (column own[i])."""
     same = rows[:, None] == cols[None, :]
-    own = torch.arange(len(rows), device=rows.device)[:, None] + offset
-    return same & (torch.arange(len(cols), device=rows.device)[None, :] != own)
+    return same & (torch.arange(len(cols), device=rows.device)[None, :] != own[:, None])
 
 
 def itc_loss(image: torch.Tensor, text: torch.Tensor, image_ids: torch.Tensor,
@@ -47,28 +47,23 @@ def itc_loss(image: torch.Tensor, text: torch.Tensor, image_ids: torch.Tensor,
     bool. Row i (image -> texts) and column i (text -> images) of a matched item have target i;
     entries of the same image other than the pair itself are masked. The local sum is divided by
     the global matched count times the world size, so DDP's gradient mean is the exact mean over
-    the global batch (as `mlm_loss`); 0 with a graph when nothing is matched anywhere.
+    the global batch (`global_mean`); 0 with a graph when nothing is matched anywhere.
     """
-    rank, world = world_info()
     B = image.shape[0]
     all_image, all_text = gather_with_grad(image), gather_with_grad(text)  # (G, D)
     all_image_ids, all_text_ids = gather_no_grad(image_ids), gather_no_grad(text_image_ids)
-    offset = rank * B  # every rank holds B items (drop_last)
-    targets = torch.arange(B, device=image.device) + offset
+    targets = local_targets(B, image.device)  # every rank holds B items (drop_last)
     i2t = image.float() @ all_text.float().t() / temperature  # (B, G)
     t2i = text.float() @ all_image.float().t() / temperature  # (B, G)
-    i2t = i2t.masked_fill(_same_image_off_diagonal(image_ids, all_text_ids, offset), float("-inf"))
-    t2i = t2i.masked_fill(_same_image_off_diagonal(text_image_ids, all_image_ids, offset),
+    i2t = i2t.masked_fill(_same_image_off_diagonal(image_ids, all_text_ids, targets), float("-inf"))
+    t2i = t2i.masked_fill(_same_image_off_diagonal(text_image_ids, all_image_ids, targets),
                           float("-inf"))  # fmt: skip
     picked = matched.bool()
     loss = (
         F.cross_entropy(i2t[picked], targets[picked], reduction="sum")
         + F.cross_entropy(t2i[picked], targets[picked], reduction="sum")
     ) / 2
-    count = reduce_sum(picked.sum())
-    if count.item() == 0:
-        return (image.sum() + text.sum()) * 0.0
-    return loss * world / count.to(loss.dtype)
+    return global_mean(loss, picked.sum(), image + text)
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cliptransfer.contrastive.losses.declip import mlm_loss
-from cliptransfer.engine.distributed import reduce_sum, world_info
+from cliptransfer.engine.distributed import global_mean
 from cliptransfer.heads.vlbert import VLBert, VLBertConfig
 from cliptransfer.vlp.contrast import itc_loss, masked_mean, sample_hard_negatives
 from cliptransfer.vlp.objectives import IGNORE
@@ -50,7 +50,8 @@ class VLPHead(VLBert):
 
     def __init__(self, cfg: VLBertConfig, vocab_size: int, visual_dim: int, num_answers: int,
                  pad_id: int = 0, itc_dim: int = 0, itc_temperature: float = 0.07,
-                 hard_negatives: bool = False, feature_regression: bool = False) -> None:  # fmt: skip
+                 hard_negatives: bool = False,
+                 feature_regression: bool = False) -> None:  # fmt: skip
         super().__init__(cfg, vocab_size, visual_dim, max(num_answers, 1), pad_id)
         if hard_negatives and not itc_dim:
             raise ValueError("VLPHead: hard negatives are drawn by ITC similarity: set itc_dim")
@@ -136,10 +137,6 @@ def feature_regression_loss(pred: torch.Tensor, target: torch.Tensor,
                             masked: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """Mean over the masked cells of the global batch of each cell's mean squared error over
     channels (LXMERT's "feat" loss); pred, target (B, N, C), masked (B, N). The local sum is
-    divided by the global count times the world size (exact across processes, as `mlm_loss`)."""
-    _, world = world_info()
+    divided by the global count times the world size (`global_mean`: exact across processes)."""
     per_cell = (pred.float() - target.float().detach()).pow(2).mean(-1)  # (B, N)
-    count = reduce_sum(masked.sum())
-    if count.item() == 0:
-        return pred.sum() * 0.0
-    return per_cell[masked.bool()].sum() * world / count.to(per_cell.dtype)
+    return global_mean(per_cell[masked.bool()].sum(), masked.sum(), pred)

@@ -1,10 +1,11 @@
 """Fine-tuning from V&L pretraining: a `pretrain/vl.py` `final/` folder into a task's `vlbert`
 head (`--set model.init_from=FOLDER`).
 
-Every transformer and visual-embedding weight loads; the pretraining-only heads (MLM, ITM, ITC, feature regression)
-are dropped. The answer MLP's hidden layers load too; its output layer (LXMERT's `load_lxmert_qa`)
-takes the QA head's row for every answer both tables share and keeps its fresh initialisation
-for the others (all of them for SNLI-VE's three labels, which no QA table has).
+Every transformer and visual-embedding weight loads; the pretraining-only heads (MLM, ITM, ITC,
+feature regression) are dropped. The answer MLP's hidden layers load too; its output layer
+(LXMERT's `load_lxmert_qa`) takes the QA head's row for every answer both tables share and keeps
+its fresh initialisation for the others (all of them for SNLI-VE's three labels, which no QA
+table has).
 """
 
 from __future__ import annotations

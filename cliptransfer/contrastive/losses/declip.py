@@ -26,7 +26,11 @@ from cliptransfer.contrastive.losses.clip import (
     contrastive_ce,
     local_targets,
 )
-from cliptransfer.engine.distributed import gather_no_grad, gather_with_grad, reduce_sum, world_info
+from cliptransfer.engine.distributed import (
+    gather_no_grad,
+    gather_with_grad,
+    global_mean,
+)
 
 __all__ = [
     "DEFILIP_WEIGHTS",
@@ -174,14 +178,10 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -10
         raise ValueError(
             f"mlm_loss: logits {tuple(logits.shape)} must be labels {tuple(labels.shape)} + (V,)"
         )
-    _, world = world_info()
     flat_logits = at_least_fp32(logits.reshape(-1, logits.shape[-1]))
     flat_labels = labels.reshape(-1)
     total = F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index, reduction="sum")
-    count = reduce_sum((flat_labels != ignore_index).sum())
-    if count.item() == 0:
-        return flat_logits.sum() * 0.0
-    return total * world / count.to(total.dtype)
+    return global_mean(total, (flat_labels != ignore_index).sum(), flat_logits)
 
 
 def mask_tokens(
