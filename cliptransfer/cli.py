@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cliptransfer.benchmark import add_benchmark_command
+from cliptransfer.visual.presence_probe import add_probe_command
 
 
 def _prepare_shapes(args: argparse.Namespace) -> int:
@@ -397,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.set_defaults(func=_compare)
 
     add_benchmark_command(sub)
+    add_probe_command(sub)
 
     show = sub.add_parser(
         "show-episode", help="picture of a navigation episode (map, paths, views)"
