@@ -105,3 +105,33 @@ def test_masked_cells_train_only_seeded_and_padded():
     batch = collate_vlp([ds[2], ds[0]])  # 4 and 6 cells: the short one padded with False
     assert batch["masked_cells"].shape == (2, 6) and not batch["masked_cells"][0, 4:].any()
     assert torch.equal(batch["masked_cells"][1], ds[0]["masked_cells"])
+
+
+def test_word_swap_negatives_are_the_own_sentence_one_word_off():
+    ds = _dataset(itm_prob=0.5, mlm_prob=0.0, swap_words="red,blue;circle,star", swap_prob=1.0)
+    tok = build_question_tokenizer(QuestionConfig(max_length=12))
+    swaps = {0: 0, 2: 0}
+    for epoch in range(30):
+        ds.set_epoch(epoch)
+        for i in range(4):
+            it = ds[i]
+            if it["itm"]:
+                continue
+            # every negative is of this image: sentence 0 always has a group word, sentence 2
+            # ("two blue stars": "stars" is no group word) swaps "blue" only; the questions of
+            # sentences 1 and 3 swap "circle" or have nothing and fall back to another image
+            if i in (0, 2):
+                swaps[i] += 1
+                assert it["text_image"] == it["image"] and it["qa"] == IGNORE
+                want = {0: ["a blue circle on a gray background", "a red star on a gray background"],
+                        2: ["two red stars"]}[i]  # fmt: skip
+                assert any(torch.equal(it["text_ids"], ids) for ids in tok(want)[0])
+            elif i == 3:
+                assert it["text_image"] != it["image"]  # "how many stars?": nothing to swap
+    assert min(swaps.values()) > 5
+    # swap_prob 0 draws nothing more: the items equal those of a config without swap words
+    plain, off = _dataset(itm_prob=0.5), _dataset(itm_prob=0.5, swap_words="red,blue", swap_prob=0)
+    for i in range(4):
+        assert all(
+            torch.equal(torch.as_tensor(plain[i][k]), torch.as_tensor(off[i][k])) for k in plain[i]
+        )

@@ -9,8 +9,17 @@ import random
 import pytest
 import torch
 
+from cliptransfer.config import ConfigError
 from cliptransfer.contrastive.losses.declip import mask_tokens
-from cliptransfer.vlp.objectives import IGNORE, itm_sentence, other_image_index, sample_answer
+from cliptransfer.vlp.data import VLPDataConfig
+from cliptransfer.vlp.objectives import (
+    IGNORE,
+    itm_sentence,
+    other_image_index,
+    parse_word_groups,
+    sample_answer,
+    swap_word,
+)
 
 
 class FixedDraws(random.Random):
@@ -69,3 +78,35 @@ def test_whole_word_masking_picks_words_as_units():
     assert torch.equal(labels[picked], ids[picked])
     with pytest.raises(ValueError, match="word_start must be a bool tensor shaped like ids"):
         mask_tokens(ids, mask_id, vocab, special, 0.5, word_start=start[:, :3])
+
+
+def test_word_swap_changes_exactly_one_group_word():
+    groups = parse_word_groups("red, blue ,green;circle,square;")
+    assert groups == (("red", "blue", "green"), ("circle", "square"))
+    text = "a Red circle left of a blue square."
+    seen = set()
+    rng = random.Random(0)
+    for _ in range(300):
+        out = swap_word(text, groups, rng)
+        before, after = text.split(" "), out.split(" ")
+        diff = [k for k in range(len(before)) if before[k] != after[k]]
+        assert len(diff) == 1  # one word, the rest untouched
+        k = diff[0]
+        old, new = before[k].rstrip(".").lower(), after[k].rstrip(".")
+        group = next(g for g in groups if old in g)
+        assert new in group and new != old
+        assert after[k].endswith(".") == before[k].endswith(".")  # punctuation kept
+        seen.add((k, new))
+    # every position (1, 2, 6, 7) and every alternative word of its group is drawn
+    assert seen == {(1, "blue"), (1, "green"), (2, "square"), (6, "red"), (6, "green"),
+                    (7, "circle")}  # fmt: skip
+    assert swap_word("two stars", groups, rng) is None
+
+
+def test_word_swap_config_is_checked():
+    with pytest.raises(ConfigError, match="swap_prob: needs swap_words"):
+        VLPDataConfig(swap_prob=0.5)
+    with pytest.raises(ConfigError, match="swap_words: each ';'-separated group needs two"):
+        VLPDataConfig(swap_words="red,blue;circle", swap_prob=0.5)
+    with pytest.raises(ValueError, match="at least two words"):
+        parse_word_groups("red")

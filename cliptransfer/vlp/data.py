@@ -21,12 +21,18 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from cliptransfer.config import ConfigError, check_range
+from cliptransfer.config import ConfigError, check, check_range
 from cliptransfer.contrastive.augment import sample_generator
 from cliptransfer.contrastive.losses.declip import mask_tokens
 from cliptransfer.visual.inputs import collate_visual
 from cliptransfer.vlp.corpus import VLPSentence
-from cliptransfer.vlp.objectives import IGNORE, itm_sentence, sample_answer
+from cliptransfer.vlp.objectives import (
+    IGNORE,
+    itm_sentence,
+    parse_word_groups,
+    sample_answer,
+    swap_word,
+)
 
 __all__ = ["MLMVocab", "VLPDataConfig", "VLPDataset", "VLPSplit", "collate_vlp", "image_key"]
 
@@ -71,6 +77,11 @@ class VLPDataConfig:
     mlm_prob: float = 0.15
     whole_word: bool = False
     itm_prob: float = 0.5  # probability that a sentence is swapped for another image's
+    # Word-swap negatives: groups of interchangeable words ("red,blue,...;circle,square,...") and
+    # the probability that an ITM negative is the image's own sentence with one of them swapped
+    # (falls back to another image's sentence when the sentence has none).
+    swap_words: str = ""
+    swap_prob: float = 0.0
     grid_keep: int = 0  # train only: keep this many random cells per image (0 = all)
     mask_cells: float = 0.0  # train only: fraction of cells zeroed for feature regression (LXMERT)
     images: str = ""  # COCO root with train2014/, val2014/ (grid extraction, end2end)
@@ -80,6 +91,13 @@ class VLPDataConfig:
     def __post_init__(self) -> None:
         check_range("mlm_prob", self.mlm_prob, ge=0, le=1)
         check_range("itm_prob", self.itm_prob, ge=0, lt=1)
+        check_range("swap_prob", self.swap_prob, ge=0, le=1)
+        check(
+            not self.swap_prob or self.swap_words, "swap_prob", "needs swap_words", self.swap_prob
+        )
+        groups = [g.split(",") for g in self.swap_words.split(";") if g.strip()]
+        ok = all(len([w for w in g if w.strip()]) >= 2 for g in groups)
+        check(ok, "swap_words", "each ';'-separated group needs two or more words", self.swap_words)
         check_range("grid_keep", self.grid_keep, ge=0)
         check_range("mask_cells", self.mask_cells, ge=0, lt=1)
         check_range("num_workers", self.num_workers, ge=0)
@@ -127,6 +145,7 @@ class VLPDataset(Dataset):
         self.image_of = [s.img_id for s in self.sentences]
         number = {img: k for k, img in enumerate(sorted(set(self.image_of)))}
         self.image_number = [number[img] for img in self.image_of]
+        self.swap_groups = parse_word_groups(cfg.swap_words) if cfg.swap_words else ()
         self.seed, self.train, self.epoch = seed, train, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -141,7 +160,12 @@ class VLPDataset(Dataset):
         rng = random.Random(int(torch.randint(2**62, (), generator=g)))
         own = self.sentences[index]
         j, matched = itm_sentence(self.image_of, index, rng, cfg.itm_prob)
-        ids, mask, _ = self.tokenizer([self.sentences[j].text])  # (1, L) each
+        text = self.sentences[j].text
+        if not matched and cfg.swap_prob and rng.random() < cfg.swap_prob:
+            swapped = swap_word(own.text, self.swap_groups, rng)
+            if swapped is not None:  # a negative written for this very image, one word off
+                j, text = index, swapped
+        ids, mask, _ = self.tokenizer([text])  # (1, L) each
         ids, mask = ids[0], mask[0].bool()
         start = vocab.word_start[ids] if cfg.whole_word else None
         masked, labels = mask_tokens(ids, vocab.mask_id, vocab.vocab_size, vocab.special_ids,

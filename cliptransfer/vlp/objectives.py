@@ -6,6 +6,9 @@ so a dataset item is a pure function of (seed, epoch, index).
   loss on masked positions only (`mlm_loss`).
 - ITM: with probability 0.5 the sentence is replaced by one of *another image* (LXMERT drew a
   random sentence from the whole corpus, which can come from the same image: never here).
+- Word-swap negatives (beyond LXMERT, as NegCLIP's attribute swaps): an ITM negative may instead
+  be the image's own sentence with one word of a group (colours, shapes, ...) replaced by another
+  of the group, so that only the image, not the sentence's style, tells it from the truth.
 - QA: on matched pairs only, the target is one answer of the question's table, drawn with
   probability proportional to its soft score among the answers the QA table knows.
 """
@@ -15,7 +18,14 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 
-__all__ = ["IGNORE", "itm_sentence", "other_image_index", "sample_answer"]
+__all__ = [
+    "IGNORE",
+    "itm_sentence",
+    "other_image_index",
+    "parse_word_groups",
+    "sample_answer",
+    "swap_word",
+]
 
 IGNORE = -100  # the ignore label of every objective (torch's cross-entropy default)
 
@@ -41,6 +51,35 @@ def itm_sentence(
     if rng.random() < p_mismatch:
         return other_image_index(image_of, i, rng), False
     return i, True
+
+
+def parse_word_groups(spec: str) -> tuple[tuple[str, ...], ...]:
+    """'red,blue,green;circle,square' -> (('red', 'blue', 'green'), ('circle', 'square'))."""
+    groups = tuple(
+        tuple(w.strip().lower() for w in g.split(",") if w.strip()) for g in spec.split(";")
+    )
+    groups = tuple(g for g in groups if g)
+    for g in groups:
+        if len(g) < 2:
+            raise ValueError(f"word group {g!r}: a swap needs at least two words")
+    return groups
+
+
+def swap_word(text: str, groups: Sequence[Sequence[str]], rng: random.Random) -> str | None:
+    """`text` with one word that belongs to a group replaced by another word of that group (the
+    position uniformly among such words, the new word uniformly among the rest of its group);
+    None when no word of `text` is in a group. Case-insensitive; trailing punctuation is kept."""
+    words = text.split(" ")
+    spots = []
+    for k, word in enumerate(words):
+        core = word.rstrip(".,;:!?").lower()
+        spots += [(k, core, g) for g in groups if core in g]
+    if not spots:
+        return None
+    k, core, group = spots[rng.randrange(len(spots))]
+    suffix = words[k][len(core) :]
+    words[k] = rng.choice([w for w in group if w != core]) + suffix
+    return " ".join(words)
 
 
 def sample_answer(label: Mapping[str, float] | None, ans2label: Mapping[str, int],
