@@ -33,6 +33,18 @@ def _dataset(train=True, **cfg):
                       seed=0, train=train)  # fmt: skip
 
 
+def _same_item(a: dict, b: dict) -> bool:
+    return all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
+
+
+def _over_epochs(ds: VLPDataset, epochs: int):
+    """(index, item) for every item of `ds` in epochs 0 .. epochs-1."""
+    for epoch in range(epochs):
+        ds.set_epoch(epoch)
+        for i in range(len(ds)):
+            yield i, ds[i]
+
+
 def test_image_keys():
     assert image_key("COCO_train2014_000000100000") == 100000
     assert image_key("COCO_val2014_000000000042") == 42
@@ -56,28 +68,25 @@ def test_items_are_seeded_and_follow_the_itm_and_qa_rules():
     items = [ds[i] for i in range(4)]
     again = [ds[i] for i in range(4)]
     for a, b in zip(items, again):
-        assert all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
+        assert _same_item(a, b)
     ds.set_epoch(1)
     assert any(not torch.equal(ds[i]["text_ids"], items[i]["text_ids"]) for i in range(4))
     tok = build_question_tokenizer(QuestionConfig(max_length=12))
     seen = {0: 0, 1: 0}
-    for epoch in range(40):
-        ds.set_epoch(epoch)
-        for i in range(4):
-            it = ds[i]
-            seen[it["itm"]] += 1
-            own_ids = tok([SENTENCES[i].text])[0][0]
-            picked = it["mlm_labels"] != IGNORE
-            if it["itm"]:  # the image's own sentence: labels are its tokens
-                assert torch.equal(it["mlm_labels"][picked], own_ids[picked])
-            if i in (1, 3):
-                assert (it["qa"] != IGNORE) == bool(it["itm"])  # QA on matched pairs only
-            else:
-                assert it["qa"] == IGNORE  # captions have no answers
-            assert it["features"][0, 0] == (1.0 if i < 2 else 2.0)  # the item's own image
-            # image numbers (sorted image ids): the item's, and its sentence's (another if swapped)
-            assert it["image"] == (0 if i < 2 else 1)
-            assert (it["text_image"] == it["image"]) == bool(it["itm"])
+    for i, it in _over_epochs(ds, 40):
+        seen[it["itm"]] += 1
+        own_ids = tok([SENTENCES[i].text])[0][0]
+        picked = it["mlm_labels"] != IGNORE
+        if it["itm"]:  # the image's own sentence: labels are its tokens
+            assert torch.equal(it["mlm_labels"][picked], own_ids[picked])
+        if i in (1, 3):
+            assert (it["qa"] != IGNORE) == bool(it["itm"])  # QA on matched pairs only
+        else:
+            assert it["qa"] == IGNORE  # captions have no answers
+        assert it["features"][0, 0] == (1.0 if i < 2 else 2.0)  # the item's own image
+        # image numbers (sorted image ids): the item's, and its sentence's (another if swapped)
+        assert it["image"] == (0 if i < 2 else 1)
+        assert (it["text_image"] == it["image"]) == bool(it["itm"])
     assert 60 < seen[0] < 100  # ITM swaps about half of 160
 
 
@@ -111,27 +120,21 @@ def test_word_swap_negatives_are_the_own_sentence_one_word_off():
     ds = _dataset(itm_prob=0.5, mlm_prob=0.0, swap_words="red,blue;circle,star", swap_prob=1.0)
     tok = build_question_tokenizer(QuestionConfig(max_length=12))
     swaps = {0: 0, 2: 0}
-    for epoch in range(30):
-        ds.set_epoch(epoch)
-        for i in range(4):
-            it = ds[i]
-            if it["itm"]:
-                continue
-            # every negative is of this image: sentence 0 always has a group word, sentence 2
-            # ("two blue stars": "stars" is no group word) swaps "blue" only; the questions of
-            # sentences 1 and 3 swap "circle" or have nothing and fall back to another image
-            if i in (0, 2):
-                swaps[i] += 1
-                assert it["text_image"] == it["image"] and it["qa"] == IGNORE
-                want = {0: ["a blue circle on a gray background", "a red star on a gray background"],
-                        2: ["two red stars"]}[i]  # fmt: skip
-                assert any(torch.equal(it["text_ids"], ids) for ids in tok(want)[0])
-            elif i == 3:
-                assert it["text_image"] != it["image"]  # "how many stars?": nothing to swap
+    for i, it in _over_epochs(ds, 30):
+        if it["itm"]:
+            continue
+        # every negative is of this image: sentence 0 always has a group word, sentence 2
+        # ("two blue stars": "stars" is no group word) swaps "blue" only; the questions of
+        # sentences 1 and 3 swap "circle" or have nothing and fall back to another image
+        if i in (0, 2):
+            swaps[i] += 1
+            assert it["text_image"] == it["image"] and it["qa"] == IGNORE
+            want = {0: ["a blue circle on a gray background", "a red star on a gray background"],
+                    2: ["two red stars"]}[i]  # fmt: skip
+            assert any(torch.equal(it["text_ids"], ids) for ids in tok(want)[0])
+        elif i == 3:
+            assert it["text_image"] != it["image"]  # "how many stars?": nothing to swap
     assert min(swaps.values()) > 5
     # swap_prob 0 draws nothing more: the items equal those of a config without swap words
     plain, off = _dataset(itm_prob=0.5), _dataset(itm_prob=0.5, swap_words="red,blue", swap_prob=0)
-    for i in range(4):
-        assert all(
-            torch.equal(torch.as_tensor(plain[i][k]), torch.as_tensor(off[i][k])) for k in plain[i]
-        )
+    assert all(_same_item(plain[i], off[i]) for i in range(4))

@@ -19,15 +19,15 @@ work: the store's rows are padded per batch and masked.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cliptransfer.fileio import read_json, write_json
+from cliptransfer.visual.inputs import pad_visual
 from cliptransfer.visual.store import FeatureStore
 
 __all__ = ["PresenceLabels", "add_probe_command", "presence_labels", "probe_presence"]
@@ -43,7 +43,7 @@ class PresenceLabels:
 
 
 def _images(path: str | Path) -> list[dict[str, Any]]:
-    data = json.loads(Path(path).read_text())
+    data = read_json(path, what="object annotations")
     images = data.get("images") if isinstance(data, dict) else data
     if not isinstance(images, list):
         raise ValueError(f"{path}: expected {{'images': [...]}} or a list of images")
@@ -85,21 +85,7 @@ def _load_features(store: FeatureStore, ids: list[str], where: str) -> list[torc
     missing = [i for i in ids if i not in store]
     if missing:
         raise KeyError(f"{where}: {len(missing)} images are not in the store, e.g. {missing[:3]}")
-    out = []
-    for image_id in ids:
-        feats = torch.as_tensor(np.asarray(store[image_id]["features"]), dtype=torch.float32)
-        out.append(feats.reshape(-1, feats.shape[-1]))  # (N_i, C)
-    return out
-
-
-def _pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(I, N, C) zero-padded features and their (I, N) validity mask."""
-    n = max(r.shape[0] for r in rows)
-    x = torch.zeros(len(rows), n, rows[0].shape[1])
-    mask = torch.zeros(len(rows), n, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        x[i, : r.shape[0]], mask[i, : r.shape[0]] = r, True
-    return x, mask
+    return [torch.as_tensor(store[i]["features"], dtype=torch.float32) for i in ids]  # (N_i, C)
 
 
 def _image_logits(linear: torch.nn.Linear, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -121,8 +107,8 @@ def probe_presence(
     majority baseline and balanced accuracy (%), and the class count."""
     if train.classes != val.classes:
         raise ValueError("train and val presence labels must share their classes")
-    x_train, m_train = _pad(_load_features(store, train.image_ids, "train"))
-    x_val, m_val = _pad(_load_features(store, val.image_ids, "val"))
+    x_train, m_train, _ = pad_visual(_load_features(store, train.image_ids, "train"))
+    x_val, m_val, _ = pad_visual(_load_features(store, val.image_ids, "val"))
     valid = x_train[m_train]
     mean, std = valid.mean(0), valid.std(0).clamp_min(1e-5)
     x_train, x_val = (x_train - mean) / std, (x_val - mean) / std
@@ -175,7 +161,6 @@ def _run(a: argparse.Namespace) -> None:
     train = presence_labels(a.train, skip=skip)
     val = presence_labels(a.val, classes=train.classes, skip=skip)
     store = FeatureStore.open(a.store)
-    torch.manual_seed(a.seed)
     report = probe_presence(store, train, val, epochs=a.epochs, lr=a.lr, seed=a.seed)
     print(
         f"presence probe on {a.store} ({len(train.image_ids)} train / {len(val.image_ids)} val images)"
@@ -185,7 +170,7 @@ def _run(a: argparse.Namespace) -> None:
     for group, r in report.items():
         print(f"| {group} | {r['classes']} | {r['accuracy']} | {r['majority']} | {r['balanced']} |")
     if a.out:
-        Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(a.out, report)
 
 
 def add_probe_command(sub: Any) -> None:

@@ -95,9 +95,11 @@ class VLPDataConfig:
         check(
             not self.swap_prob or self.swap_words, "swap_prob", "needs swap_words", self.swap_prob
         )
-        groups = [g.split(",") for g in self.swap_words.split(";") if g.strip()]
-        ok = all(len([w for w in g if w.strip()]) >= 2 for g in groups)
-        check(ok, "swap_words", "each ';'-separated group needs two or more words", self.swap_words)
+        try:  # the dataset's own parser, so the config accepts exactly what it will read
+            parse_word_groups(self.swap_words)
+        except ValueError:
+            check(False, "swap_words", "each ';'-separated group needs two or more words",
+                  self.swap_words)  # fmt: skip
         check_range("grid_keep", self.grid_keep, ge=0)
         check_range("mask_cells", self.mask_cells, ge=0, lt=1)
         check_range("num_workers", self.num_workers, ge=0)
