@@ -33,6 +33,7 @@ from cliptransfer.compare import (
     check_overrides,
     run_recorded,
     set_args,
+    stored_record,
     task_script,
 )
 from cliptransfer.fileio import JSONFileError, read_json, write_json
@@ -190,8 +191,7 @@ def _resume_or_restart(run_dir: Path, record: dict, rerun: bool) -> None:
     ckpts = run_dir / "checkpoints"
     if not ckpts.is_dir() or ((run_dir / "metrics.json").is_file() and not rerun):
         return  # nothing to resume, or a finished cell that run_recorded reuses or refuses
-    old = read_json(run_dir / RECORD) if (run_dir / RECORD).is_file() else None
-    if rerun or old != record:
+    if rerun or stored_record(run_dir, RECORD) != record:
         shutil.rmtree(ckpts)
 
 
@@ -330,8 +330,7 @@ def run_benchmark(
 
 def _finished_by(run_dir: Path, record: dict) -> bool:
     """Whether run_dir holds a finished run of exactly this cell command."""
-    rec = run_dir / RECORD
-    return (run_dir / "metrics.json").is_file() and rec.is_file() and read_json(rec) == record
+    return (run_dir / "metrics.json").is_file() and stored_record(run_dir, RECORD) == record
 
 
 def _command(args: argparse.Namespace) -> int:

@@ -265,6 +265,12 @@ def _read_metrics(spec: TaskSpec, setting: Setting, path: Path) -> dict[str, Any
     return metrics
 
 
+def stored_record(run_dir: Path, record_name: str = RECORD) -> dict | None:
+    """The command record an earlier run left in run_dir/`record_name`, or None."""
+    path = run_dir / record_name
+    return read_json(path) if path.is_file() else None
+
+
 def run_recorded(
     name: str, cmd: list[str], record: dict, run_dir: Path, *, rerun: bool,
     log: Callable[[str], None], where: str, read: Callable[[Path], dict[str, Any]],
@@ -275,8 +281,7 @@ def run_recorded(
     run_dir/`record_name`) finished. Shared by `compare` (settings) and `benchmark` (cells)."""
     metrics_path, record_path = run_dir / "metrics.json", run_dir / record_name
     if metrics_path.is_file() and not rerun:
-        old = read_json(record_path) if record_path.is_file() else None
-        if old != record:
+        if stored_record(run_dir, record_name) != record:
             raise CompareError(
                 f"{what} {name!r}: {metrics_path} exists but was not made by this "
                 f"command (see {record_path}); pass --rerun to run it again or choose another --out"
