@@ -6,7 +6,6 @@ is on sys.path)."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import resource
 import statistics
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from cliptransfer.malloc import keep_freed_memory  # noqa: F401 - re-exported for the benches
 
 # The flags that decide which kernels oneDNN/MKL can use: AVX2 (fp32 FMA, bf16 emulated),
 # AVX-512F, AVX512-BF16 (native bf16 dot products), AMX (bf16 tile matmul).
@@ -120,19 +121,6 @@ def fraction_line(
         f"{label}: {flops / 1e9:.1f} GFLOP per {what} (FlopCounterMode) in {seconds:.3f} s = "
         f"{achieved:.0f} GFLOP/s: {parts[0]}, {parts[1]}"
     )
-
-
-def keep_freed_memory() -> bool:
-    """glibc: serve every allocation from the heap and never give freed memory back to the OS
-    (mallopt M_MMAP_MAX = 0 and M_TRIM_THRESHOLD = -1, i.e. SIZE_MAX: the same as running with
-    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=18446744073709551615). By default blocks of 32 MiB
-    and more (most activations at these input sizes) are fresh mmaps, zero-filled page by page
-    by the kernel on every forward. Call before any large allocation. False where not glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-4, 0)) and bool(libc.mallopt(-1, -1))
-    except (OSError, AttributeError):
-        return False
 
 
 def minor_faults() -> int:

@@ -4,6 +4,7 @@
     python bench/vln_train.py --threads 2 --iters 8
     python bench/vln_train.py --precision bf16           # CPU autocast (AVX512-BF16 / AMX)
     python bench/vln_train.py --feature-dtype float16    # the view table kept half (data.feature_dtype)
+    python bench/vln_train.py --malloc glibc             # glibc's own mmap threshold (RSS grows)
 
 Setting (the issue's, so the figures compare with R2R-EnvDrop's own train.py + MatterSim): the
 real R2R val_seen episodes as the training split, random 36 x 512 features for every viewpoint
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 from machine import cpu_features, load_average
 
+from cliptransfer import malloc
 from cliptransfer.nav import NavEnv, NavTables, load_graphs, load_r2r
 from cliptransfer.tasks.vln.agent import Follower, FollowerConfig
 from cliptransfer.tasks.vln.data import FEATURE_DTYPES, train_tokenizer
@@ -53,7 +55,12 @@ def main() -> None:
                     help="bf16: CPU autocast (what train.precision=bf16 runs)")  # fmt: skip
     ap.add_argument("--feature-dtype", choices=sorted(FEATURE_DTYPES), default="float32",
                     help="the in-memory view table (tasks/vln.py's data.feature_dtype)")  # fmt: skip
+    ap.add_argument("--malloc", choices=["fixed", "glibc"], default="fixed",
+                    help="fixed: tasks/vln.py's pinned mmap threshold (cliptransfer.malloc); "
+                         "glibc: the C library's sliding one")  # fmt: skip
     args = ap.parse_args()
+    if args.malloc == "fixed":
+        malloc.fix_mmap_threshold(malloc.ROLLOUT_MMAP_THRESHOLD)
     if not (args.r2r / "connectivity").is_dir():
         sys.exit(f"no R2R data under {args.r2r}: pass --r2r DIR (../shared/data/r2r)")
     torch.set_num_threads(args.threads)
@@ -67,6 +74,7 @@ def main() -> None:
     )
     # Training needs only the tables: the graphs' all-pairs caches (~170 MB of dicts) go.
     tables = NavTables.build(load_graphs(args.r2r / "connectivity", scans))
+    malloc.trim()  # as tasks/vln.py after its table build
     features = torch.randn(len(tables), 36, args.dim).to(FEATURE_DTYPES[args.feature_dtype])
     env = NavEnv(tables, features, max_steps=args.max_steps)
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,7 +83,7 @@ def main() -> None:
     opt = torch.optim.RMSprop(agent.parameters(), lr=1e-4)
     print(f"{len(scans)} scans, {len(tables)} viewpoints, {len(train)} training instructions, "
           f"batch {args.batch}, D={args.dim}, max {args.max_steps} actions, {args.precision}, "
-          f"{args.feature_dtype} view table; follower "
+          f"{args.feature_dtype} view table, malloc {args.malloc}; follower "
           f"{sum(p.numel() for p in agent.parameters()):,} parameters\n")  # fmt: skip
 
     gen = torch.Generator().manual_seed(0)

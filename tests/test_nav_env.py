@@ -90,6 +90,9 @@ def test_observation_features_and_angles(house):
     ob = env.reset([_episode("bc", heading=math.radians(100)), _episode("ab", instr_id="2_0")])
     assert ob.view_index.tolist() == [15, 12]  # 100 deg snaps to column 3
     assert torch.equal(ob.views, features[ob.viewpoint])
+    before = ob.viewpoint.clone()
+    env.step([0, 0])  # an observation is a snapshot: stepping does not move its viewpoints
+    assert torch.equal(ob.viewpoint, before)
     for i in range(2):
         for k in range(int(ob.cand_count[i])):
             vp, ix = int(ob.viewpoint[i]), int(tables.cand_point[ob.viewpoint[i], k])

@@ -97,6 +97,37 @@ def test_encoder_padding_and_attention_equal_torchs_reference():
     torch.testing.assert_close(out, (ref_w.unsqueeze(1) @ ctx).squeeze(1))
 
 
+@pytest.mark.parametrize("mode", ["dropout", "zero_vision", "env_mask"])
+def test_views_gathered_again_in_backward_equal_the_kept_views(world, mode):
+    # With `view_table` the step keeps no (B, 36, D + A) context for backward (checkpointed
+    # attention, views gathered from the table again): same logits, same gradients, same RNG.
+    eps, _, env = world
+    agent = _agent(env).train()
+    tokens, lengths = _tokens(6)
+    kw = {"zero_vision": mode == "zero_vision"}
+    if mode == "env_mask":
+        kw["env_mask"] = (torch.rand(1, env.features.shape[-1]) > 0.5).float() * 2
+    results = []
+    for table in (None, env.features):
+        ob = env.reset(eps[:6])
+        torch.manual_seed(3)
+        ctx, mask, state = agent.encode(tokens, lengths)
+        prev, loss = torch.zeros(6, 128), 0.0
+        for _ in range(3):  # the observation's viewpoints change under the kept ones
+            logits, state, h1 = agent.step(ob, prev, state, ctx, mask, view_table=table, **kw)
+            loss = loss + logits.clamp(min=-1e4).sum() + h1.square().sum()
+            ob = env.step(ob.teacher.clamp(min=0))
+        agent.zero_grad()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in agent.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads, torch.rand(1)))
+    (loss_a, grads_a, rng_a), (loss_b, grads_b, rng_b) = results
+    assert torch.equal(loss_a, loss_b) and torch.equal(rng_a, rng_b)
+    assert grads_a.keys() == grads_b.keys() and "feat_att.linear_in.weight" in grads_a
+    for name, grad in grads_a.items():
+        assert torch.equal(grad, grads_b[name]), name
+
+
 def test_teacher_rollout_reaches_every_goal_and_a2c_trains_the_critic(world):
     eps, graphs, env = world
     agent = _agent(env)

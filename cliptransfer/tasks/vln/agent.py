@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from cliptransfer.config import ConfigError, check_range
 
@@ -111,34 +112,73 @@ class Follower(nn.Module):
         mask = torch.arange(tokens.shape[1], device=tokens.device)[None] < lengths[:, None]
         return self.drop(ctx), mask, (decoder_init, c_t)
 
-    def _visual(self, features: torch.Tensor, angles: torch.Tensor, env_mask: torch.Tensor | None):
-        """[dropped visual features ; angle features]; `env_mask` (B, D) is a per-episode channel
-        mask (environmental dropout) applied to every view and step instead of feature dropout."""
+    def _visual(self, features: torch.Tensor, angles: torch.Tensor, env_mask: torch.Tensor | None,
+                drop: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        """[dropped visual features ; angle features]: `env_mask` (B, D) is a per-episode channel
+        mask (environmental dropout) applied to every view and step instead of feature dropout;
+        `drop` (True = dropped) is feature dropout's mask (`_drop_mask`)."""
         if env_mask is not None:
             features = features * env_mask.unsqueeze(1)
-        elif self.training and self.cfg.feat_dropout > 0:
-            # nn.Dropout's distribution (keep with 1 - p, scale 1 / (1 - p)) from a uniform draw:
-            # on the CPU its Bernoulli sampler takes ~3x longer for these (B, 36, D) tensors.
-            # masked_fill keeps a bool mask for backward, a quarter of a float one's memory.
-            drop = torch.rand_like(features) < self.cfg.feat_dropout
+        elif drop is not None:
             features = features.masked_fill(drop, 0.0) * (1.0 / (1.0 - self.cfg.feat_dropout))
         return torch.cat([features, angles], -1)
 
+    def _drop_mask(
+        self, features: torch.Tensor, env_mask: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Feature dropout's mask for `features` (True = dropped), or None (eval, p = 0, or
+        environmental dropout instead). nn.Dropout's distribution (keep with 1 - p, scale
+        1 / (1 - p)) from a uniform draw: on the CPU its Bernoulli sampler takes ~3x longer for
+        these (B, 36, D) tensors; masked_fill keeps a bool mask for backward, a quarter of a
+        float one's memory."""
+        if env_mask is not None or not self.training or self.cfg.feat_dropout <= 0:
+            return None
+        return torch.rand(features.shape, device=features.device) < self.cfg.feat_dropout
+
+    def _attend_views(self, query: torch.Tensor, ob, drop: torch.Tensor | None,
+                      env_mask: torch.Tensor | None, zero_vision: bool,
+                      view_table: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        """Soft attention of `query` (B, H) over the 36 [view feature ; angle] vectors ->
+        (B, D + A).
+
+        When gradients are recorded and `view_table` (the environment's (N, 36, D) feature
+        table) is given, backward gathers the views from the table again instead of keeping the
+        (B, 36, D + A) context (torch.utils.checkpoint): that context was 200 of the 480 MB of
+        autograd memory of an R2R training batch (64 episodes, IL + A2C, 36 decisions). The
+        masks are drawn before, so values and gradients equal the plain path's."""
+        angles, shape = ob.view_angles, ob.views.shape
+        viewpoint = ob.viewpoint if view_table is None else ob.viewpoint.to(view_table.device)
+
+        def attend(q: torch.Tensor, views: torch.Tensor | None = None) -> torch.Tensor:
+            if zero_vision:  # the "no vision" ablation: same agent, visual channels zeroed
+                views = torch.zeros(shape, device=q.device)
+            elif views is None:  # what NavEnv's observation holds, gathered again
+                views = view_table.index_select(0, viewpoint).float()
+            return self.feat_att(q, self._visual(views, angles, env_mask, drop))[0]
+
+        if view_table is None or not torch.is_grad_enabled():
+            return attend(query, ob.views)
+        return checkpoint(attend, query, use_reentrant=False, preserve_rng_state=False)
+
     def step(self, ob, prev_angle: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor],
              ctx: torch.Tensor, ctx_mask: torch.Tensor, env_mask: torch.Tensor | None = None,
-             zero_vision: bool = False):  # fmt: skip
+             zero_vision: bool = False, view_table: torch.Tensor | None = None):  # fmt: skip
         """One decision as EnvDrop's AttnDecoderLSTM: the recurrent state is (h_tilde, c) of
         the last step (EnvDrop feeds h_tilde back as the LSTM's h). Returns (logits (B, K + 1),
         STOP at index cand_count, masked; the new state; h1 (B, H), the critic's input).
-        `prev_angle` (B, A): the last action's angle feature (zeros at the start)."""
-        views, cands = ob.views, ob.cand_views
-        if zero_vision:  # the "no vision" ablation: same agent, visual channels zeroed
-            views, cands = torch.zeros_like(views), torch.zeros_like(cands)
-        views = self._visual(views, ob.view_angles, env_mask)  # (B, 36, D + A)
-        cands = self._visual(cands, ob.cand_angles, env_mask)  # (B, K, D + A)
+        `prev_angle` (B, A): the last action's angle feature (zeros at the start); `view_table`:
+        the environment's feature table, to gather the views again in backward (see
+        `_attend_views`) rather than keep them."""
+        # The random draws in EnvDrop's order: the views' and the candidates' feature dropout,
+        # then the action embedding's and the hidden state's dropout.
+        view_drop = self._drop_mask(ob.views, env_mask)
+        cands = torch.zeros_like(ob.cand_views) if zero_vision else ob.cand_views
+        cands = self._visual(cands, ob.cand_angles, env_mask,
+                             self._drop_mask(cands, env_mask))  # (B, K, D + A)  # fmt: skip
         h_prev, c = state
         action = self.drop(torch.tanh(self.angle_embedding(prev_angle)))  # (B, 64)
-        attended, _ = self.feat_att(self.drop(h_prev), views)  # (B, D + A)
+        attended = self._attend_views(self.drop(h_prev), ob, view_drop, env_mask, zero_vision,
+                                      view_table)  # (B, D + A)  # fmt: skip
         h1, c1 = self.lstm(torch.cat([action, attended], -1), (h_prev, c))
         h1_drop = self.drop(h1)
         text, _ = self.text_att(h1_drop, ctx, ctx_mask)  # (B, H)

@@ -91,7 +91,7 @@ def rollout(model, env: NavEnv, episodes: list[Episode], tokens: torch.Tensor,
     while not env.done:
         dev_ob = _to(ob, device)
         logits, state, h1 = model.step(dev_ob, prev_angle, state, ctx, ctx_mask, env_mask,
-                                       zero_vision)  # fmt: skip
+                                       zero_vision, env.features)  # fmt: skip
         if ml_weight is not None:
             ml_loss = ml_loss + F.cross_entropy(logits, dev_ob.teacher, ignore_index=IGNORE_ACTION,
                                                 reduction="sum")  # fmt: skip

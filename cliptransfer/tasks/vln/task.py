@@ -17,6 +17,7 @@ import yaml
 from accelerate.utils import gather_object
 from torch import nn
 
+from cliptransfer import malloc
 from cliptransfer.config import ConfigError, check_range, to_dict
 from cliptransfer.engine.config import RunConfig, TrainConfig
 from cliptransfer.engine.evaluation import peak_memory
@@ -183,6 +184,7 @@ class VLNTask(EvalOnlyTask):
             dtype=FEATURE_DTYPES[cfg.data.feature_dtype],
         )  # (N, 36, D)
         features = features.to(acc.device)
+        malloc.trim()  # the table builds' and the feature store reads' freed heap (~100 MB on R2R)
         self.env = NavEnv(self.tables, features, max_steps=cfg.max_steps)
         vocab = self.tokenizer.vocab_size
         dim, angle = features.shape[-1], self.tables.view_angles.shape[-1]

@@ -1,0 +1,56 @@
+"""glibc malloc policies for CPU training processes (no-ops returning False elsewhere).
+
+PyTorch's CPU allocator is the C library's malloc. glibc serves blocks of 128 KiB and more as
+fresh mmaps at first, but raises that threshold (up to 32 MiB) each time such a block is freed,
+so after one training step the per-step tensors of a few MiB come from the heap, which then only
+grows: the navigation follower's RSS climbed ~250 MB per iteration for its first iterations.
+`fix_mmap_threshold` pins the threshold (blocks above it go back to the OS when freed) and
+`trim` returns the heap's free pages after a large build. `keep_freed_memory` is the opposite
+policy for speed benchmarks: nothing is ever given back, so no page is zero-filled twice.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+__all__ = ["ROLLOUT_MMAP_THRESHOLD", "fix_mmap_threshold", "keep_freed_memory", "trim"]
+
+# tasks/vln.py's threshold: peak RSS of R2R follower training (bench/vln_train.py) 2.33 GB with
+# glibc's sliding threshold, 1.86 GB at 1 MiB, 1.90 GB at 4 MiB, 2.44 GB at 16 MiB.
+ROLLOUT_MMAP_THRESHOLD = 1 << 20
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt  # noqa: B018 - glibc only
+        libc.malloc_trim  # noqa: B018
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def fix_mmap_threshold(nbytes: int = 1 << 20) -> bool:
+    """Serve every block of `nbytes` or more by mmap and unmap it when freed (mallopt
+    M_MMAP_THRESHOLD, which also stops glibc from raising it)."""
+    libc = _libc()
+    return bool(libc and libc.mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
+
+
+def trim() -> bool:
+    """Give the heap's free pages back to the OS (malloc_trim(0)); True if any were."""
+    libc = _libc()
+    return bool(libc and libc.malloc_trim(0))
+
+
+def keep_freed_memory() -> bool:
+    """Serve every allocation from the heap and never give freed memory back (mallopt
+    M_MMAP_MAX = 0 and M_TRIM_THRESHOLD = SIZE_MAX, as MALLOC_MMAP_MAX_=0
+    MALLOC_TRIM_THRESHOLD_=18446744073709551615): no page is zero-filled twice. Call before any
+    large allocation."""
+    libc = _libc()
+    return bool(libc and libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, -1))
