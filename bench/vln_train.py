@@ -4,7 +4,8 @@
     python bench/vln_train.py --threads 2 --iters 8
     python bench/vln_train.py --precision bf16           # CPU autocast (AVX512-BF16 / AMX)
     python bench/vln_train.py --feature-dtype float16    # the view table kept half (data.feature_dtype)
-    python bench/vln_train.py --malloc glibc             # glibc's own mmap threshold (RSS grows)
+    python bench/vln_train.py --malloc fixed             # mmap threshold pinned at 1 MiB
+    python bench/vln_train.py --recompute-views          # agent.recompute_views=true
 
 Setting (the issue's, so the figures compare with R2R-EnvDrop's own train.py + MatterSim): the
 real R2R val_seen episodes as the training split, random 36 x 512 features for every viewpoint
@@ -55,12 +56,14 @@ def main() -> None:
                     help="bf16: CPU autocast (what train.precision=bf16 runs)")  # fmt: skip
     ap.add_argument("--feature-dtype", choices=sorted(FEATURE_DTYPES), default="float32",
                     help="the in-memory view table (tasks/vln.py's data.feature_dtype)")  # fmt: skip
-    ap.add_argument("--malloc", choices=["fixed", "glibc"], default="fixed",
-                    help="fixed: tasks/vln.py's pinned mmap threshold (cliptransfer.malloc); "
-                         "glibc: the C library's sliding one")  # fmt: skip
+    ap.add_argument("--malloc", choices=["glibc", "fixed"], default="glibc",
+                    help="glibc: the C library's sliding mmap threshold (tasks/vln.py); fixed: "
+                         "pinned at 1 MiB (cliptransfer.malloc): less RSS, more page faults")  # fmt: skip
+    ap.add_argument("--recompute-views", action="store_true",
+                    help="agent.recompute_views: no view context kept for backward")  # fmt: skip
     args = ap.parse_args()
     if args.malloc == "fixed":
-        malloc.fix_mmap_threshold(malloc.ROLLOUT_MMAP_THRESHOLD)
+        malloc.fix_mmap_threshold(1 << 20)
     if not (args.r2r / "connectivity").is_dir():
         sys.exit(f"no R2R data under {args.r2r}: pass --r2r DIR (../shared/data/r2r)")
     torch.set_num_threads(args.threads)
@@ -79,11 +82,13 @@ def main() -> None:
     env = NavEnv(tables, features, max_steps=args.max_steps)
     with tempfile.TemporaryDirectory() as tmp:
         tok = train_tokenizer([e.instruction for e in train], Path(tmp) / "tok", 1000)
-    agent = Follower(FollowerConfig(), tok.vocab_size, args.dim, tables.view_angles.shape[-1])
+    cfg = FollowerConfig(recompute_views=args.recompute_views)
+    agent = Follower(cfg, tok.vocab_size, args.dim, tables.view_angles.shape[-1])
     opt = torch.optim.RMSprop(agent.parameters(), lr=1e-4)
     print(f"{len(scans)} scans, {len(tables)} viewpoints, {len(train)} training instructions, "
           f"batch {args.batch}, D={args.dim}, max {args.max_steps} actions, {args.precision}, "
-          f"{args.feature_dtype} view table, malloc {args.malloc}; follower "
+          f"{args.feature_dtype} view table, malloc {args.malloc}, recompute views "
+          f"{args.recompute_views}; follower "
           f"{sum(p.numel() for p in agent.parameters()):,} parameters\n")  # fmt: skip
 
     gen = torch.Generator().manual_seed(0)

@@ -31,15 +31,11 @@ from __future__ import annotations
 
 import sys
 
-from cliptransfer import malloc
 from cliptransfer.engine import fit, start_run
 from cliptransfer.tasks.vln.task import VLNTask
 
 
 def main(argv: list[str] | None = None) -> dict:
-    # Rollout tensors of a few MiB go back to the OS when freed instead of growing the heap
-    # (glibc's default; bench/vln_train.py measures both).
-    malloc.fix_mmap_threshold(malloc.ROLLOUT_MMAP_THRESHOLD)
     run = start_run(VLNTask, argv, __doc__)  # flags, config, Accelerate, seed, CPU threads
     task = VLNTask(run.cfg, run)
     task.setup()  # episodes, graphs, view features, tokenizer, env, agents, baselines

@@ -17,7 +17,7 @@ from cliptransfer import malloc
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
 if sys.argv[1] == "fixed":
-    assert malloc.fix_mmap_threshold(malloc.ROLLOUT_MMAP_THRESHOLD)
+    assert malloc.fix_mmap_threshold(1 << 20)
 # Free one 16 MiB block (glibc then raises its threshold to 16 MiB), then free a rollout's
 # worth of 4 MiB blocks interleaved with small tensors that stay (saved for backward): what
 # stays resident is the heap's growth.

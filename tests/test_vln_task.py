@@ -99,10 +99,11 @@ def test_encoder_padding_and_attention_equal_torchs_reference():
 
 @pytest.mark.parametrize("mode", ["dropout", "zero_vision", "env_mask"])
 def test_views_gathered_again_in_backward_equal_the_kept_views(world, mode):
-    # With `view_table` the step keeps no (B, 36, D + A) context for backward (checkpointed
+    # With recompute_views the step keeps no (B, 36, D + A) context for backward (checkpointed
     # attention, views gathered from the table again): same logits, same gradients, same RNG.
     eps, _, env = world
     agent = _agent(env).train()
+    agent.cfg.recompute_views = True
     tokens, lengths = _tokens(6)
     kw = {"zero_vision": mode == "zero_vision"}
     if mode == "env_mask":

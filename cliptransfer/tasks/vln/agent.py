@@ -31,6 +31,9 @@ class FollowerConfig:
     dropout: float = 0.5
     feat_dropout: float = 0.3  # visual channels of views and candidates
     max_instruction: int = 80  # tokens kept (EnvDrop's maxInput)
+    # Gather the 36 views again in backward instead of keeping them (checkpointed attention):
+    # -200 MB of autograd memory per R2R batch at 512-d (more at 2048-d), ~20 % slower per step.
+    recompute_views: bool = False
 
     def __post_init__(self) -> None:
         for name in ("word_embed", "hidden", "angle_embed", "max_instruction"):
@@ -141,11 +144,12 @@ class Follower(nn.Module):
         """Soft attention of `query` (B, H) over the 36 [view feature ; angle] vectors ->
         (B, D + A).
 
-        When gradients are recorded and `view_table` (the environment's (N, 36, D) feature
-        table) is given, backward gathers the views from the table again instead of keeping the
-        (B, 36, D + A) context (torch.utils.checkpoint): that context was 200 of the 480 MB of
-        autograd memory of an R2R training batch (64 episodes, IL + A2C, 36 decisions). The
-        masks are drawn before, so values and gradients equal the plain path's."""
+        With `recompute_views`, when gradients are recorded and `view_table` (the environment's
+        (N, 36, D) feature table) is given, backward gathers the views from the table again
+        instead of keeping the (B, 36, D + A) context (torch.utils.checkpoint): that context is
+        200 of the 480 MB of autograd memory of an R2R training batch (64 episodes, IL + A2C,
+        36 decisions, 512-d). The masks are drawn before, so values and gradients equal the
+        plain path's."""
         angles, shape = ob.view_angles, ob.views.shape
         viewpoint = ob.viewpoint if view_table is None else ob.viewpoint.to(view_table.device)
 
@@ -156,7 +160,7 @@ class Follower(nn.Module):
                 views = view_table.index_select(0, viewpoint).float()
             return self.feat_att(q, self._visual(views, angles, env_mask, drop))[0]
 
-        if view_table is None or not torch.is_grad_enabled():
+        if not self.cfg.recompute_views or view_table is None or not torch.is_grad_enabled():
             return attend(query, ob.views)
         return checkpoint(attend, query, use_reentrant=False, preserve_rng_state=False)
 
