@@ -78,7 +78,8 @@ def main() -> None:
     # Training needs only the tables: the graphs' all-pairs caches (~170 MB of dicts) go.
     tables = NavTables.build(load_graphs(args.r2r / "connectivity", scans))
     malloc.trim()  # as tasks/vln.py after its table build
-    features = torch.randn(len(tables), 36, args.dim).to(FEATURE_DTYPES[args.feature_dtype])
+    # Drawn in the table's dtype: a float32 source would be a 593 MB transient (kept by jemalloc).
+    features = torch.randn(len(tables), 36, args.dim, dtype=FEATURE_DTYPES[args.feature_dtype])
     env = NavEnv(tables, features, max_steps=args.max_steps)
     with tempfile.TemporaryDirectory() as tmp:
         tok = train_tokenizer([e.instruction for e in train], Path(tmp) / "tok", 1000)
