@@ -8,9 +8,9 @@ when freed, and are zero-filled by the kernel again when reallocated), `trim` re
 free pages after a large one-off build, and `keep_freed_memory` is the opposite policy for speed
 benchmarks: nothing is ever given back, so no page is zero-filled twice.
 
-Measured on navigation training (bench/vln_train.py, R2R setting, 2-core Zen 4 VM): peak RSS
-2.35 GB with glibc's sliding threshold, 1.82 GB pinned at 1 MiB, but 98 -> 220 ms per decision
-step from the page faults; tasks/vln.py therefore keeps glibc's default.
+Measured on navigation training (bench/vln_train.py --recompute-views, R2R setting, 2-core
+Zen 4 VM): peak RSS 2.35 GB with glibc's sliding threshold, 1.82 GB pinned at 1 MiB, but 98 ->
+220 ms per decision step from the page faults; tasks/vln.py therefore keeps glibc's default.
 """
 
 from __future__ import annotations

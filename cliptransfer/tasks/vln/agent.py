@@ -151,7 +151,6 @@ class Follower(nn.Module):
         36 decisions, 512-d). The masks are drawn before, so values and gradients equal the
         plain path's."""
         angles, shape = ob.view_angles, ob.views.shape
-        viewpoint = ob.viewpoint if view_table is None else ob.viewpoint.to(view_table.device)
 
         def attend(q: torch.Tensor, views: torch.Tensor | None = None) -> torch.Tensor:
             if zero_vision:  # the "no vision" ablation: same agent, visual channels zeroed
@@ -162,6 +161,7 @@ class Follower(nn.Module):
 
         if not self.cfg.recompute_views or view_table is None or not torch.is_grad_enabled():
             return attend(query, ob.views)
+        viewpoint = ob.viewpoint.to(view_table.device)  # read by `attend` in forward and backward
         return checkpoint(attend, query, use_reentrant=False, preserve_rng_state=False)
 
     def step(self, ob, prev_angle: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor],
