@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument(
         "--features",
         help="comma list of the task's feature kinds (default: all): clip-grid,bottomup for VQA "
-        "and SNLI-VE; clip,supervised for VLN",
+        "and SNLI-VE; clip,supervised,symbolic for VLN",
     )
     cmp.add_argument(
         "--backbones",

@@ -2,12 +2,12 @@
 
     cliptransfer compare --task vqa --features clip-grid,bottomup --backbones default,RN50
     cliptransfer compare --task snli-ve --features clip-grid --backbones default,mine=runs/p/final
-    cliptransfer compare --task vln --features clip,supervised
+    cliptransfer compare --task vln --features clip,supervised,symbolic
     cliptransfer compare --task vqa --features clip-grid --init none,runs/vlp/final --seeds 0,1,2 \
         --set model.arch=vlbert
 
 Settings are features x backbones (the backbone only matters for the CLIP feature kind, so
-bottomup / supervised runs once). Each setting runs the task script (`tasks/vqa.py`,
+bottomup / supervised / symbolic runs once). Each setting runs the task script (`tasks/vqa.py`,
 `tasks/snli_ve.py`, `tasks/vln.py`) in its own subprocess, so every run starts with a fresh
 Accelerate state and frees its memory, with `--set features.kind=K` (VLN: `encoder=K`)
 `--set backbone=B --set train.out_dir=OUT/<setting>` followed by the same user overrides for every

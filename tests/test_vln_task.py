@@ -268,6 +268,20 @@ def test_rxr_one_agent_four_languages(houses, tmp_path, capsys):
     assert "languages" not in only["val_unseen"]  # one language: no per-language table
 
 
+def test_symbolic_views_and_a_users_own_store_on_the_houses(houses, tmp_path):
+    common = [*SMALL, "--set", f"data.houses.root={houses}", "--set", "train.max_steps=1",
+              "--set", "no_vision=false", "--set", "train.eval_batch_size=64"]  # fmt: skip
+    report = run_task(VLNTask, [*common, "--set", "encoder=symbolic", "--set",
+                                f"train.out_dir={tmp_path / 'sym'}"])  # fmt: skip
+    store = houses / "views-symbolic-v1"
+    assert report["features"]["store"] == str(store) and report["features"]["channels"] == 69
+    # data.features on the houses: that store is read, nothing is extracted.
+    own = run_task(VLNTask, [*common, "--set", f"data.features={store}", "--set",
+                             f"train.out_dir={tmp_path / 'own'}"])  # fmt: skip
+    assert own["features"]["store"] == str(store) and own["features"]["channels"] == 69
+    assert own["val_unseen"]["success_rate"] == report["val_unseen"]["success_rate"]
+
+
 def test_speaker_path_features_bleu_and_stage(houses, tmp_path, world):
     from cliptransfer.tasks.vln.speaker import corpus_bleu, path_features
 

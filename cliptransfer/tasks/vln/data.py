@@ -130,18 +130,28 @@ def load_vln_data(
     else:
         from cliptransfer.nav.extract_views import extract_views
         from cliptransfer.worlds.houses import default_houses_dir, prepare_houses
+        from cliptransfer.worlds.houses.symbolic import SYMBOLIC_VERSION, prepare_symbolic_views
 
         spec = {**DEFAULT_HOUSES, **cfg.houses}  # a config may give only some of the keys
         size, seed = spec["size"], int(spec["seed"])
         houses = Path(spec["root"]) if spec.get("root") else default_houses_dir(size, seed)
         width, height = (int(v) for v in cfg.camera.lower().split("x"))
         with accelerator.main_process_first():  # the main process trains/caches, others reuse
-            views = view_encoder(encoder, backbone)
-            features = houses / views_store_name(views.meta, cfg.camera)
+            views = None  # nothing to render: the user's own store, or the symbolic one
+            if cfg.features:
+                features = Path(cfg.features)
+            elif encoder == "symbolic":
+                features = houses / f"views-symbolic-v{SYMBOLIC_VERSION}"
+            else:
+                views = view_encoder(encoder, backbone)
+                features = houses / views_store_name(views.meta, cfg.camera)
             if accelerator.is_main_process:
                 prepare_houses(houses, size, seed)
-                extract_views(views, houses / "r2r" / "connectivity", features,
-                              skyboxes=houses / "scans", width=width, height=height)  # fmt: skip
+                if views is not None:
+                    extract_views(views, houses / "r2r" / "connectivity", features,
+                                  skyboxes=houses / "scans", width=width, height=height)  # fmt: skip
+                elif encoder == "symbolic" and not cfg.features:
+                    prepare_symbolic_views(features, size, seed)
         files, connectivity = houses_files(houses, cfg.dataset), houses / "r2r" / "connectivity"
     episodes, skipped = {}, {}
     for split, path in files.items():

@@ -87,8 +87,9 @@ class VLNConfig(RunConfig):
     )
     rl: RLConfig = field(default_factory=lambda: RLConfig(ml_weight=1.0))
     backbone: str = "default"  # CLIP for the houses' view features ('default' = packaged)
-    # The houses' view features: "clip" (the backbone's image embedding, as CLIP-ViL) or
-    # "supervised" (the Shapes detector analogue's pooled features, as EnvDrop's ImageNet ResNet).
+    # The houses' view features: "clip" (the backbone's image embedding, as CLIP-ViL),
+    # "supervised" (the Shapes detector analogue's pooled features, as EnvDrop's ImageNet ResNet)
+    # or "symbolic" (room and landmarks read from the floor plan: the perception ceiling).
     encoder: str = "clip"
     max_steps: int = 15  # decisions per episode (EnvDrop's maxAction)
     no_vision: bool = True  # also train the same agent on zeroed visual features (a baseline)
@@ -112,8 +113,8 @@ class VLNConfig(RunConfig):
 
     def __post_init__(self) -> None:
         check_range("max_steps", self.max_steps, gt=0)
-        if self.encoder not in ("clip", "supervised"):
-            raise ConfigError(f"encoder: 'clip' or 'supervised', got {self.encoder!r}")
+        if self.encoder not in ("clip", "supervised", "symbolic"):
+            raise ConfigError(f"encoder: 'clip', 'supervised' or 'symbolic', got {self.encoder!r}")
         if self.stage not in ("follower", "speaker", "bt"):
             raise ConfigError(f"stage: 'follower', 'speaker' or 'bt', got {self.stage!r}")
 
@@ -152,7 +153,7 @@ class VLNModel(nn.Module):
         "",
         split="val_unseen",
         features_key="encoder",
-        feature_kinds=("clip", "supervised"),
+        feature_kinds=("clip", "supervised", "symbolic"),
         backbone_kind="clip",
         references_key="baselines",
         fractions=("success_rate", "spl", "ndtw", "sdtw"),

@@ -8,7 +8,7 @@ import random
 
 from cliptransfer.worlds.houses.layout import House, Landmark, landmark_visible, wrap_angle
 
-__all__ = ["HALF_HFOV", "view_caption", "visible_landmarks"]
+__all__ = ["HALF_HFOV", "room_in_view", "view_caption", "visible_landmarks"]
 
 # The R2R camera (640 x 480, vertical FOV 60 deg): half the horizontal field of view.
 HALF_HFOV = math.atan(math.tan(math.radians(30)) * 4 / 3)
@@ -41,7 +41,7 @@ def _where(rel: float) -> str:
     return "on the right" if rel > 0 else "on the left"
 
 
-def _room_in_view(house: House, vp_index: int, heading: float) -> str:
+def room_in_view(house: House, vp_index: int, heading: float) -> str:
     vp = house.viewpoints[vp_index]
     room = house.room_at(vp.x + 0.5 * math.sin(heading), vp.y + 0.5 * math.cos(heading))
     return house.rooms[room].kind if room >= 0 else house.rooms[0].kind
@@ -49,7 +49,7 @@ def _room_in_view(house: House, vp_index: int, heading: float) -> str:
 
 def view_caption(house: House, vp_index: int, heading: float, rng: random.Random) -> str:
     """'the kitchen with a red star on the left and a striped blue circle ahead'."""
-    room = _room_in_view(house, vp_index, heading)
+    room = room_in_view(house, vp_index, heading)
     seen = visible_landmarks(house, vp_index, heading)[:3]
     if not seen:
         return rng.choice([f"a view of the {room}", f"the walls of the {room}",

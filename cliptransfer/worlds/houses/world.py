@@ -38,7 +38,14 @@ from cliptransfer.worlds.houses.raycast import pose_matrix, render_skybox
 from cliptransfer.worlds.houses.stats import graph_stats, plan_stats, summarize, turn_word_walk
 from cliptransfer.worlds.prepare import cache_dir, prepare_atomically
 
-__all__ = ["GENERATOR_VERSION", "HOUSE_SIZES", "HouseSize", "default_houses_dir", "prepare_houses"]
+__all__ = [
+    "GENERATOR_VERSION",
+    "HOUSE_SIZES",
+    "HouseSize",
+    "default_houses_dir",
+    "prepare_houses",
+    "sample_houses",
+]
 
 GENERATOR = "cliptransfer.worlds.houses"
 GENERATOR_VERSION = 2  # 2: en-IN "turn around at X", Hindi and Telugu turn wording
@@ -203,9 +210,17 @@ def _captions(root: Path, houses: list[House], graphs: dict[str, NavGraph], per_
     return rows
 
 
-def _generate(root: Path, size: str, spec: HouseSize, seed: int, workers: int) -> None:
+def sample_houses(size: str, seed: int) -> list[House]:
+    """The floor plans of preset `size` (training houses first, then the unseen ones), exactly
+    as `prepare_houses` draws them: geometry only, nothing rendered or written."""
+    spec = _check_size(size)
     n_houses = spec.train_houses + spec.unseen_houses
-    houses = [sample_house(_rng(seed, "house", k), spec.rows, spec.cols) for k in range(n_houses)]
+    return [sample_house(_rng(seed, "house", k), spec.rows, spec.cols) for k in range(n_houses)]
+
+
+def _generate(root: Path, size: str, spec: HouseSize, seed: int, workers: int) -> None:
+    houses = sample_houses(size, seed)
+    n_houses = len(houses)
     train, unseen = houses[: spec.train_houses], houses[spec.train_houses :]
     conn = root / "r2r" / "connectivity"
     conn.mkdir(parents=True)
