@@ -288,9 +288,10 @@ out.mkdir(parents=True, exist_ok=True)
 def test_vln_compare_sets_the_encoder_and_reads_val_unseen_with_baselines(tmp_path: Path):
     script = tmp_path / "fake_vln.py"
     script.write_text(FAKE_VLN)
-    assert expand_settings(["clip", "supervised"], ["default"], "vln") == [
+    assert expand_settings(["clip", "supervised", "symbolic"], ["default"], "vln") == [
         Setting("clip-default", "clip", "default", "encoder"),
         Setting("supervised", "supervised", None, "encoder"),
+        Setting("symbolic", "symbolic", None, "encoder"),
     ]
     with pytest.raises(CompareError, match="unknown feature kind 'clip-grid': choose from clip"):
         expand_settings(["clip-grid"], [], "vln")

@@ -275,6 +275,7 @@ def test_symbolic_views_and_a_users_own_store_on_the_houses(houses, tmp_path):
                                 f"train.out_dir={tmp_path / 'sym'}"])  # fmt: skip
     store = houses / "views-symbolic-v1"
     assert report["features"]["store"] == str(store) and report["features"]["channels"] == 69
+    assert report["features"]["feature"] == "symbolic_floor_plan"
     # data.features on the houses: that store is read, nothing is extracted.
     own = run_task(VLNTask, [*common, "--set", f"data.features={store}", "--set",
                              f"train.out_dir={tmp_path / 'own'}"])  # fmt: skip

@@ -80,7 +80,7 @@ def prepare_symbolic_views(out: str | Path, size: str, seed: int) -> Path:
     def write(tmp: Path) -> None:
         meta = {"kind": "views", "views": NUM_VIEWS, "channels": len(SYMBOLIC_CHANNELS),
                 "dtype": "float32", "camera": {"width": 640, "height": 480, "vfov_deg": 60.0},
-                "encoder": "symbolic"}  # fmt: skip
+                "feature": "symbolic_floor_plan"}  # fmt: skip
         writer = FeatureStore.create(tmp, meta)
         try:
             for house in sample_houses(size, seed):
