@@ -5,6 +5,7 @@ by default, or real R2R / RxR files."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -137,21 +138,21 @@ def load_vln_data(
         houses = Path(spec["root"]) if spec.get("root") else default_houses_dir(size, seed)
         width, height = (int(v) for v in cfg.camera.lower().split("x"))
         with accelerator.main_process_first():  # the main process trains/caches, others reuse
-            views = None  # nothing to render: the user's own store, or the symbolic one
+            fill = None  # writes `features` once the houses exist; None: the user's own store
             if cfg.features:
                 features = Path(cfg.features)
             elif encoder == "symbolic":
                 features = houses / f"views-symbolic-v{SYMBOLIC_VERSION}"
+                fill = partial(prepare_symbolic_views, features, size, seed)
             else:
                 views = view_encoder(encoder, backbone)
                 features = houses / views_store_name(views.meta, cfg.camera)
+                fill = partial(extract_views, views, houses / "r2r" / "connectivity", features,
+                               skyboxes=houses / "scans", width=width, height=height)  # fmt: skip
             if accelerator.is_main_process:
                 prepare_houses(houses, size, seed)
-                if views is not None:
-                    extract_views(views, houses / "r2r" / "connectivity", features,
-                                  skyboxes=houses / "scans", width=width, height=height)  # fmt: skip
-                elif encoder == "symbolic" and not cfg.features:
-                    prepare_symbolic_views(features, size, seed)
+                if fill is not None:
+                    fill()
         files, connectivity = houses_files(houses, cfg.dataset), houses / "r2r" / "connectivity"
     episodes, skipped = {}, {}
     for split, path in files.items():
