@@ -166,6 +166,7 @@ def _extract_views(args: argparse.Namespace) -> int:
         args.backbone, args.connectivity, args.out, skyboxes=args.skyboxes,
         views_dir=args.views, scans=args.scans.split(",") if args.scans else None,
         width=width, height=height, vfov_deg=args.vfov, accelerator=accelerator, progress=True,
+        workers=args.workers,
     )  # fmt: skip
     if accelerator.is_main_process:
         print(json.dumps(stats, indent=2))
@@ -251,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
         "houses", help="write the Shapes houses: navigation in the Matterport / R2R / RxR formats"
     )
     houses.add_argument("--out", required=True, help="output folder")
-    houses.add_argument("--size", default="small", help="tiny | small | medium")
+    houses.add_argument(
+        "--size", default="small", help="tiny | small | medium | large (VLN default)"
+    )
     houses.add_argument("--seed", type=int, default=0)
     houses.add_argument("--workers", type=int, default=None, help="skybox rendering processes")
     houses.add_argument("--overwrite", action="store_true", help="regenerate even if present")
@@ -340,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     views.add_argument("--camera", default="640x480",
                        help="rendered view size WxH (R2R: 640x480; the houses: 128x96 is plenty)")  # fmt: skip
     views.add_argument("--vfov", type=float, default=60.0, help="vertical field of view, degrees")
+    views.add_argument("--workers", type=int, default=0,
+                       help="rendering processes per encoding process (0: render in it)")  # fmt: skip
     views.add_argument("--cpu", action="store_true", help="force CPU")
     views.set_defaults(func=_extract_views)
     reg = ex_sub.add_parser("import-regions", help="BUTD TSV / LXMERT TSV / HDF5 regions -> store")

@@ -2,7 +2,7 @@
 view features, in a simulator-free environment exact to MatterSim's graph and EnvDrop's
 candidates, through Accelerate.
 
-With no arguments: the `medium` Shapes houses (generated, their 36 views rendered and encoded by
+With no arguments: the `large` Shapes houses (generated, their 36 views rendered and encoded by
 the packaged CLIP, and a SentencePiece tokenizer trained, all once and cached), the follower and
 its no-vision twin trained by imitation + A2C (mlWeight 1.0) on the same batches; the report
 prints NE / SR / SPL / nDTW / SDTW on val_seen and val_unseen next to the random and

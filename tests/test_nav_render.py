@@ -163,3 +163,10 @@ def test_extract_views_from_skyboxes_and_from_pngs_agree(shared_data, tmp_path):
     torch.testing.assert_close(feats[0], expect, rtol=1e-4, atol=1e-5)
     # Resumable: a second run writes nothing.
     assert main([*args, "--skyboxes", str(tmp_path / "sky"), "--out", str(tmp_path / "a")]) == 0
+    # Rendering in a worker process: the same pixels, so the same features bit for bit.
+    sky_args = ["--skyboxes", str(tmp_path / "sky"), "--out", str(tmp_path / "c")]
+    assert main([*args, *sky_args, "--workers", "1"]) == 0
+    pooled = FeatureStore.open(tmp_path / "c")
+    for vp in vps:
+        key = f"17DRP5sb8fy_{vp}"
+        assert torch.equal(pooled[key]["features"], store[key]["features"])

@@ -129,6 +129,36 @@ def test_views_gathered_again_in_backward_equal_the_kept_views(world, mode):
         assert torch.equal(grad, grads_b[name]), name
 
 
+def test_environmental_dropout_masks_each_episodes_channels_at_every_step(world):
+    # agent.env_dropout: a (B, D) mask, one per episode, on every view and candidate feature:
+    # an all-zero row is that episode without vision, an all-one row leaves it as it was.
+    eps, _, env = world
+    agent = _agent(env).eval()
+    tokens, lengths = _tokens(2)
+    d = env.features.shape[-1]
+    outs = []
+    for kw in ({"env_mask": torch.stack([torch.zeros(d), torch.ones(d)])},
+               {"zero_vision": True}, {}):  # fmt: skip
+        ob = env.reset(eps[:2])
+        ctx, mask, state = agent.encode(tokens, lengths)
+        prev, logits_seen = torch.zeros(2, 128), []
+        with torch.no_grad():
+            for _ in range(3):
+                logits, state, _ = agent.step(ob, prev, state, ctx, mask, **kw)
+                logits_seen.append(logits.clamp(min=-1e4))
+                ob = env.step(ob.teacher.clamp(min=0))
+        outs.append(torch.cat(logits_seen, -1))
+    masked, blind, plain = outs
+    torch.testing.assert_close(masked[0], blind[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(masked[1], plain[1], rtol=0, atol=1e-6)
+    assert not torch.allclose(blind[0], plain[0])
+    from cliptransfer.config import ConfigError
+    from cliptransfer.tasks.vln.task import VLNConfig
+
+    with pytest.raises(ConfigError, match="bt.env_dropout"):
+        VLNConfig(stage="bt", agent=FollowerConfig(env_dropout=0.3))
+
+
 def test_teacher_rollout_reaches_every_goal_and_a2c_trains_the_critic(world):
     eps, graphs, env = world
     agent = _agent(env)
@@ -212,9 +242,11 @@ def _eval_two(best: str, out: str) -> None:
                        "--set", "train.num_threads=1"])  # fmt: skip
 
 
-def test_resume_reproduces_the_uninterrupted_run(houses, tmp_path):
+@pytest.mark.parametrize("env_dropout", [0.0, 0.3])
+def test_resume_reproduces_the_uninterrupted_run(houses, tmp_path, env_dropout):
     common = [*SMALL, "--set", f"data.houses.root={houses}", "--set", "train.epochs=1",
-              "--set", "no_vision=false", "--set", "train.save_every_steps=1"]  # fmt: skip
+              "--set", "no_vision=false", "--set", "train.save_every_steps=1",
+              "--set", f"agent.env_dropout={env_dropout}"]  # fmt: skip
     full = run_task(VLNTask, [*common, "--set", f"train.out_dir={tmp_path / 'a'}"])
     part = [*common, "--set", f"train.out_dir={tmp_path / 'b'}"]
     run_task(VLNTask, [*part, "--set", "train.max_steps=2"])

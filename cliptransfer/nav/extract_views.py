@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -128,9 +132,12 @@ class RegionViewEncoder(ViewEncoder):
 def extract_views(encoder: Any, connectivity: str | Path, out: str | Path, *,
                   skyboxes: str | Path | None = None, views_dir: str | Path | None = None,
                   scans: list[str] | None = None, width: int = 640, height: int = 480,
-                  vfov_deg: float = 60.0, accelerator: Any = None, progress: bool = False) -> dict[str, Any]:  # fmt: skip
+                  vfov_deg: float = 60.0, accelerator: Any = None, progress: bool = False,
+                  workers: int = 0) -> dict[str, Any]:  # fmt: skip
     """Fill the views store `out` for every included viewpoint of `scans`; returns counts.
-    `encoder`: a `ViewEncoder`, or a CLIP backbone (module, "default", checkpoint, arch name)."""
+    `encoder`: a `ViewEncoder`, or a CLIP backbone (module, "default", checkpoint, arch name).
+    `workers` > 0 renders the views in that many processes while this one encodes (the same
+    pixels; rendering is numpy on one core, so on CPU it costs as much as the encoder)."""
     if (skyboxes is None) == (views_dir is None):
         raise ValueError("give exactly one of skyboxes (a skybox folder) and views_dir (PNG views)")
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
@@ -148,17 +155,15 @@ def extract_views(encoder: Any, connectivity: str | Path, out: str | Path, *,
     with FeatureStore.create(out, meta, rank=rank) as writer:
         todo = [it for it in rank_shard(items, rank, world) if view_key(*it) not in writer]
         stats["already"] = len(rank_shard(items, rank, world)) - len(todo)
-        if progress and rank == 0:
+        if progress and rank == 0 and todo:
             from tqdm import tqdm
 
             bar = tqdm(total=len(todo), desc=f"views -> {out}", unit="viewpoint")
-        for scan, vp in todo:
-            imgs = viewpoint_images(
-                scan, vp, graphs[scan].poses[vp].reshape(-1),
-                skyboxes=Path(skyboxes) if skyboxes else None,
-                views_dir=Path(views_dir) if views_dir else None,
-                width=width, height=height, vfov=math.radians(vfov_deg),
-            )  # fmt: skip
+        render = partial(_render_viewpoint, skyboxes=Path(skyboxes) if skyboxes else None,
+                         views_dir=Path(views_dir) if views_dir else None, width=width,
+                         height=height, vfov=math.radians(vfov_deg))  # fmt: skip
+        jobs = [(scan, vp, graphs[scan].poses[vp].reshape(-1)) for scan, vp in todo]
+        for (scan, vp, _), imgs in zip(jobs, _in_order(render, jobs, workers), strict=True):
             writer.add(view_key(scan, vp), encoder(imgs).cpu())  # (36, D)
             stats["written"] += 1
             if bar is not None:
@@ -166,3 +171,24 @@ def extract_views(encoder: Any, connectivity: str | Path, out: str | Path, *,
     if bar is not None:
         bar.close()
     return stats
+
+
+def _render_viewpoint(job: tuple[str, str, np.ndarray], **kw: Any) -> list[np.ndarray]:
+    scan, vp, pose = job
+    return viewpoint_images(scan, vp, pose, **kw)
+
+
+def _in_order(fn: Any, jobs: list, workers: int) -> Iterator:
+    """fn(job) for each job, in order; with workers > 0 computed in that many processes, at
+    most 2 per worker ahead (a 640x480 viewpoint is 33 MB of pixels)."""
+    if workers <= 0:
+        yield from map(fn, jobs)
+        return
+    with ProcessPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        for job in jobs:
+            pending.append(pool.submit(fn, job))
+            if len(pending) > 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

@@ -30,6 +30,10 @@ class FollowerConfig:
     angle_embed: int = 64
     dropout: float = 0.5
     feat_dropout: float = 0.3  # visual channels of views and candidates
+    # > 0 (follower stage): instead of feat_dropout, one visual-channel mask per training
+    # episode for all its views and steps (environmental dropout on the real episodes; the bt
+    # stage draws one per augmented batch, bt.env_dropout).
+    env_dropout: float = 0.0
     max_instruction: int = 80  # tokens kept (EnvDrop's maxInput)
     # Gather the 36 views again in backward instead of keeping them (checkpointed attention):
     # -200 MB of autograd memory per R2R batch at 512-d (more at 2048-d), ~20 % slower per step.
@@ -42,6 +46,7 @@ class FollowerConfig:
             raise ConfigError(f"hidden: must be even (a bidirectional encoder), got {self.hidden}")
         check_range("dropout", self.dropout, ge=0, lt=1)
         check_range("feat_dropout", self.feat_dropout, ge=0, lt=1)
+        check_range("env_dropout", self.env_dropout, ge=0, lt=1)
 
 
 class SoftDotAttention(nn.Module):
