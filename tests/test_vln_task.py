@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from cliptransfer.cli import main as cli
+from cliptransfer.config import ConfigError
 from cliptransfer.engine import run_task
 from cliptransfer.fileio import read_json
 from cliptransfer.nav import NavEnv, NavTables, load_graphs, load_r2r
 from cliptransfer.tasks.vln.agent import Follower, FollowerConfig, SoftDotAttention, _pad_packed
 from cliptransfer.tasks.vln.rollout import forward_walk, rollout
-from cliptransfer.tasks.vln.task import VLNTask
+from cliptransfer.tasks.vln.task import VLNConfig, VLNTask
 from cliptransfer.worlds.houses import prepare_houses
 
 SMALL = ["--set", "agent.hidden=32", "--set", "agent.word_embed=16", "--set",
@@ -152,9 +153,6 @@ def test_environmental_dropout_masks_each_episodes_channels_at_every_step(world)
     torch.testing.assert_close(masked[0], blind[0], rtol=0, atol=1e-6)
     torch.testing.assert_close(masked[1], plain[1], rtol=0, atol=1e-6)
     assert not torch.allclose(blind[0], plain[0])
-    from cliptransfer.config import ConfigError
-    from cliptransfer.tasks.vln.task import VLNConfig
-
     with pytest.raises(ConfigError, match="bt.env_dropout"):
         VLNConfig(stage="bt", agent=FollowerConfig(env_dropout=0.3))
 

@@ -269,19 +269,20 @@ class VLNTask(EvalOnlyTask):
             inner, bt = self.run.accelerator.unwrap_model(model), self.cfg.bt
             pick = torch.randint(len(self.aug), (len(episodes),)).tolist()
             aug = [self.aug[i] for i in pick]
-            d = self.env.features.shape[-1]
-            keep = (torch.rand(d) >= bt.env_dropout).float() / (1.0 - bt.env_dropout)
-            keep = keep.to(tokens.device)
+            keep = self._env_mask((), bt.env_dropout, tokens.device)  # (D,): one per batch
             aug_tokens, aug_lengths = inner.instruct(self.env, aug, keep, self.tokenizer,
                                                      self.cfg.agent.max_instruction)  # fmt: skip
             return model(self.env, episodes, tokens, lengths, self.cfg.rl, aug, aug_tokens,
                          aug_lengths, keep.unsqueeze(0), bt)  # fmt: skip
         env_mask = None
         if self.cfg.agent.env_dropout > 0:  # (B, D): one mask per episode, all views and steps
-            p = self.cfg.agent.env_dropout
-            d = self.env.features.shape[-1]
-            env_mask = ((torch.rand(len(episodes), d) >= p).float() / (1.0 - p)).to(tokens.device)
+            env_mask = self._env_mask((len(episodes),), self.cfg.agent.env_dropout, tokens.device)
         return model(self.env, episodes, tokens, lengths, self.cfg.rl, env_mask=env_mask)
+
+    def _env_mask(self, lead: tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
+        """Environmental dropout's visual-channel mask (*lead, D): keep with 1 - p, scaled."""
+        d = self.env.features.shape[-1]
+        return ((torch.rand(*lead, d) >= p).float() / (1.0 - p)).to(device)
 
     # ---- evaluation
     def _eval_episodes(self, split: str):
