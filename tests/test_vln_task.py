@@ -16,7 +16,7 @@ from cliptransfer.config import ConfigError
 from cliptransfer.engine import run_task
 from cliptransfer.fileio import read_json
 from cliptransfer.nav import NavEnv, NavTables, load_graphs, load_r2r
-from cliptransfer.tasks.vln.agent import Follower, FollowerConfig, SoftDotAttention, _pad_packed
+from cliptransfer.tasks.vln.agent import Follower, FollowerConfig
 from cliptransfer.tasks.vln.rollout import forward_walk, rollout
 from cliptransfer.tasks.vln.task import VLNConfig, VLNTask
 from cliptransfer.worlds.houses import prepare_houses
@@ -60,42 +60,15 @@ def test_follower_step_puts_stop_after_the_candidates(world):
     agent = _agent(env).eval()
     ob = env.reset(eps[:4])
     tokens, lengths = _tokens(4)
-    ctx, mask, state = agent.encode(tokens, lengths)
+    text, state = agent.encode(tokens, lengths)
     prev = torch.zeros(4, 128)
-    logits, (h, c), h1 = agent.step(ob, prev, state, ctx, mask)
+    logits, (h, c), h1 = agent.step(ob, prev, state, text)
     k = ob.cand_angles.shape[1]
     assert logits.shape == (4, k + 1) and h.shape == c.shape == h1.shape == (4, 32)
     for i in range(4):
         n = int(ob.cand_count[i])
         assert logits[i, n] == 0.0  # STOP: the zero candidate
         assert torch.isfinite(logits[i, :n]).all() and torch.isinf(logits[i, n + 1 :]).all()
-
-
-def test_encoder_padding_and_attention_equal_torchs_reference():
-    # The encoder's one-gather padding and the multiply-sum attention are speed rewrites of
-    # pad_packed_sequence and EnvDrop's bmm form: same values, same gradients.
-    gen = torch.Generator().manual_seed(0)
-    lengths = torch.tensor([3, 7, 1, 5])
-    data = torch.randn(4, 9, 6, generator=gen)
-    packed = torch.nn.utils.rnn.pack_padded_sequence(data, lengths, batch_first=True,
-                                                     enforce_sorted=False)  # fmt: skip
-    leaf = packed.data.clone().requires_grad_()
-    mine = _pad_packed(packed._replace(data=leaf), lengths, 9)
-    ref, _ = torch.nn.utils.rnn.pad_packed_sequence(packed._replace(data=leaf), batch_first=True,
-                                                    total_length=9)  # fmt: skip
-    assert torch.equal(mine, ref) and (mine[0, 3:] == 0).all()
-    weight = torch.randn(4, 9, 6, generator=gen)
-    (g_mine,) = torch.autograd.grad((mine * weight).sum(), leaf)
-    (g_ref,) = torch.autograd.grad((ref * weight).sum(), leaf)
-    assert torch.equal(g_mine, g_ref)
-    att = SoftDotAttention(5, 6)
-    h, ctx = torch.randn(4, 5, generator=gen), torch.randn(4, 9, 6, generator=gen)
-    mask = torch.arange(9)[None] < lengths[:, None]
-    out, weights = att(h, ctx, mask)
-    logit = (ctx @ att.linear_in(h).unsqueeze(2)).squeeze(2).masked_fill(~mask, float("-inf"))
-    ref_w = torch.softmax(logit, 1)
-    torch.testing.assert_close(weights, ref_w)
-    torch.testing.assert_close(out, (ref_w.unsqueeze(1) @ ctx).squeeze(1))
 
 
 @pytest.mark.parametrize("mode", ["dropout", "zero_vision", "env_mask"])
@@ -113,10 +86,10 @@ def test_views_gathered_again_in_backward_equal_the_kept_views(world, mode):
     for table in (None, env.features):
         ob = env.reset(eps[:6])
         torch.manual_seed(3)
-        ctx, mask, state = agent.encode(tokens, lengths)
+        text, state = agent.encode(tokens, lengths)
         prev, loss = torch.zeros(6, 128), 0.0
         for _ in range(3):  # the observation's viewpoints change under the kept ones
-            logits, state, h1 = agent.step(ob, prev, state, ctx, mask, view_table=table, **kw)
+            logits, state, h1 = agent.step(ob, prev, state, text, view_table=table, **kw)
             loss = loss + logits.clamp(min=-1e4).sum() + h1.square().sum()
             ob = env.step(ob.teacher.clamp(min=0))
         agent.zero_grad()
@@ -141,11 +114,11 @@ def test_environmental_dropout_masks_each_episodes_channels_at_every_step(world)
     for kw in ({"env_mask": torch.stack([torch.zeros(d), torch.ones(d)])},
                {"zero_vision": True}, {}):  # fmt: skip
         ob = env.reset(eps[:2])
-        ctx, mask, state = agent.encode(tokens, lengths)
+        text, state = agent.encode(tokens, lengths)
         prev, logits_seen = torch.zeros(2, 128), []
         with torch.no_grad():
             for _ in range(3):
-                logits, state, _ = agent.step(ob, prev, state, ctx, mask, **kw)
+                logits, state, _ = agent.step(ob, prev, state, text, **kw)
                 logits_seen.append(logits.clamp(min=-1e4))
                 ob = env.step(ob.teacher.clamp(min=0))
         outs.append(torch.cat(logits_seen, -1))

@@ -19,8 +19,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cliptransfer.config import ConfigError, check_range
+from cliptransfer.tasks.vln.attention import FixedContext, SoftDotAttention, VisualContext
+from cliptransfer.tasks.vln.dropout import Dropout, draw_seed, dropout_mask
+from cliptransfer.tasks.vln.encoder import packed_bilstm
 
-__all__ = ["Follower", "FollowerConfig", "SoftDotAttention"]
+__all__ = ["Follower", "FollowerConfig"]
 
 
 @dataclass
@@ -49,27 +52,6 @@ class FollowerConfig:
         check_range("env_dropout", self.env_dropout, ge=0, lt=1)
 
 
-class SoftDotAttention(nn.Module):
-    """EnvDrop's SoftDotAttention: query -> Linear -> dot with the context, softmax over the
-    unmasked positions; returns (weighted context, weights) or the raw logits."""
-
-    def __init__(self, query_dim: int, ctx_dim: int) -> None:
-        super().__init__()
-        self.linear_in = nn.Linear(query_dim, ctx_dim, bias=False)
-
-    def logits(self, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        # Multiply-and-sum rather than a (B, L, C) @ (B, C, 1) bmm: that bmm's backward is a K=1
-        # outer product, which CPU BLAS ran ~5x slower than this (bench/vln_train.py).
-        return (context * self.linear_in(h).unsqueeze(1)).sum(-1)  # (B, L)
-
-    def forward(self, h: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None):
-        logit = self.logits(h, context)
-        if mask is not None:
-            logit = logit.masked_fill(~mask, float("-inf"))
-        attn = torch.softmax(logit, dim=1)
-        return (attn.unsqueeze(2) * context).sum(1), attn  # (B, C), (B, L)
-
-
 def _pad_packed(packed: nn.utils.rnn.PackedSequence, lengths: torch.Tensor, total: int):
     """`pad_packed_sequence(packed, batch_first=True, total_length=total)[0]` as one gather.
     torch's version writes one time step at a time, so its backward copies the whole (T, B, H)
@@ -94,7 +76,7 @@ class Follower(nn.Module):
         self.embedding = nn.Embedding(vocab_size, cfg.word_embed, padding_idx=pad_id)
         self.encoder = nn.LSTM(cfg.word_embed, h // 2, batch_first=True, bidirectional=True)
         self.encoder2decoder = nn.Linear(h, h)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         feat = feature_dim + angle_dim
         self.angle_embedding = nn.Linear(angle_dim, cfg.angle_embed)
         self.feat_att = SoftDotAttention(h, feat)
@@ -103,47 +85,51 @@ class Follower(nn.Module):
         self.text_out = nn.Linear(2 * h, h, bias=False)
         self.cand_att = SoftDotAttention(h, feat)
         # Only A2C needs the critic (an unused module would stall DDP's gradient reduction).
-        self.critic = nn.Sequential(nn.Linear(h, h), nn.ReLU(), nn.Dropout(cfg.dropout),
+        self.critic = nn.Sequential(nn.Linear(h, h), nn.ReLU(), Dropout(cfg.dropout),
                                     nn.Linear(h, 1)) if critic else None  # fmt: skip
 
     def encode(self, tokens: torch.Tensor, lengths: torch.Tensor):
-        """tokens (B, L) padded, lengths (B,) -> ctx (B, L, H), ctx_mask (B, L), (h0, c0)."""
+        """tokens (B, L) padded, lengths (B,) -> the instruction context (B, L, H) with its mask
+        (B, L) as a `FixedContext` (attended at every step), and the decoder's (h0, c0)."""
         emb = self.drop(self.embedding(tokens))
         packed = nn.utils.rnn.pack_padded_sequence(
             emb, lengths.cpu(), batch_first=True, enforce_sorted=False
         )
-        out, (h_n, c_n) = self.encoder(packed)
+        out, (h_n, c_n) = packed_bilstm(self.encoder, packed)
         ctx = _pad_packed(out, lengths, tokens.shape[1])  # (B, L, H)
         h_t = torch.cat([h_n[-1], h_n[-2]], -1)  # EnvDrop: the last layer's backward, forward
         c_t = torch.cat([c_n[-1], c_n[-2]], -1)
         decoder_init = torch.tanh(self.encoder2decoder(h_t))
         mask = torch.arange(tokens.shape[1], device=tokens.device)[None] < lengths[:, None]
-        return self.drop(ctx), mask, (decoder_init, c_t)
+        return FixedContext(self.drop(ctx), mask), (decoder_init, c_t)
 
-    def _visual(self, features: torch.Tensor, angles: torch.Tensor, env_mask: torch.Tensor | None,
-                drop: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-        """[dropped visual features ; angle features]: `env_mask` (B, D) is a per-episode channel
-        mask (environmental dropout) applied to every view and step instead of feature dropout;
-        `drop` (True = dropped) is feature dropout's mask (`_drop_mask`)."""
-        if env_mask is not None:
-            features = features * env_mask.unsqueeze(1)
-        elif drop is not None:
-            features = features.masked_fill(drop, 0.0) * (1.0 / (1.0 - self.cfg.feat_dropout))
-        return torch.cat([features, angles], -1)
-
-    def _drop_mask(
-        self, features: torch.Tensor, env_mask: torch.Tensor | None
-    ) -> torch.Tensor | None:
-        """Feature dropout's mask for `features` (True = dropped), or None (eval, p = 0, or
-        environmental dropout instead). nn.Dropout's distribution (keep with 1 - p, scale
-        1 / (1 - p)) from a uniform draw: on the CPU its Bernoulli sampler takes ~3x longer for
-        these (B, 36, D) tensors; masked_fill keeps a bool mask for backward, a quarter of a
-        float one's memory."""
+    def _mask_seed(self, env_mask: torch.Tensor | None) -> int | None:
+        """The seed of one feature-dropout mask (`dropout_mask`), or None when there is no
+        feature dropout (eval, p = 0, or environmental dropout instead)."""
         if env_mask is not None or not self.training or self.cfg.feat_dropout <= 0:
             return None
-        return torch.rand(features.shape, device=features.device) < self.cfg.feat_dropout
+        return draw_seed()
 
-    def _attend_views(self, query: torch.Tensor, ob, drop: torch.Tensor | None,
+    def _visual(self, features: torch.Tensor | None, angles: torch.Tensor,
+                env_mask: torch.Tensor | None, mask_seed: int | None,
+                zero_vision: bool) -> VisualContext:  # fmt: skip
+        """[dropped visual features ; angle features] as a `VisualContext`: `env_mask` (B, D)
+        is a per-episode channel mask (environmental dropout) applied to every view and step
+        instead of feature dropout; `mask_seed` seeds feature dropout's mask (`_mask_seed`);
+        `zero_vision` zeroes the visual channels (the "no vision" ablation: same agent, same
+        draws; `features` may then be None)."""
+        d = self.feature_dim
+        if zero_vision:
+            return VisualContext(None, angles, d)
+        if env_mask is not None:
+            return VisualContext(features, angles, d, env_mask)
+        if mask_seed is not None:
+            mask = dropout_mask(tuple(features.shape), self.cfg.feat_dropout, features.device,
+                                features.dtype, mask_seed)  # fmt: skip
+            return VisualContext(features * mask, angles, d)
+        return VisualContext(features, angles, d)
+
+    def _attend_views(self, query: torch.Tensor, ob, mask_seed: int | None,
                       env_mask: torch.Tensor | None, zero_vision: bool,
                       view_table: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
         """Soft attention of `query` (B, H) over the 36 [view feature ; angle] vectors ->
@@ -151,18 +137,17 @@ class Follower(nn.Module):
 
         With `recompute_views`, when gradients are recorded and `view_table` (the environment's
         (N, 36, D) feature table) is given, backward gathers the views from the table again
-        instead of keeping the (B, 36, D + A) context (torch.utils.checkpoint): that context is
-        200 of the 480 MB of autograd memory of an R2R training batch (64 episodes, IL + A2C,
-        36 decisions, 512-d). The masks are drawn before, so values and gradients equal the
-        plain path's."""
-        angles, shape = ob.view_angles, ob.views.shape
+        instead of keeping the (B, 36, D) dropped-out views (torch.utils.checkpoint): they are
+        most of the autograd memory of an R2R training batch (64 episodes, IL + A2C, 36
+        decisions, 512-d). The dropout mask is rebuilt from its seed, so values and gradients
+        equal the plain path's."""
+        angles = ob.view_angles  # not `ob`: the closure must not keep ob.views alive
 
         def attend(q: torch.Tensor, views: torch.Tensor | None = None) -> torch.Tensor:
-            if zero_vision:  # the "no vision" ablation: same agent, visual channels zeroed
-                views = torch.zeros(shape, device=q.device)
-            elif views is None:  # what NavEnv's observation holds, gathered again
+            if views is None and not zero_vision:  # NavEnv's observation, gathered again
                 views = view_table.index_select(0, viewpoint).float()
-            return self.feat_att(q, self._visual(views, angles, env_mask, drop))[0]
+            visual = self._visual(views, angles, env_mask, mask_seed, zero_vision)
+            return self.feat_att.attend_visual(q, visual)
 
         if not self.cfg.recompute_views or view_table is None or not torch.is_grad_enabled():
             return attend(query, ob.views)
@@ -170,7 +155,7 @@ class Follower(nn.Module):
         return checkpoint(attend, query, use_reentrant=False, preserve_rng_state=False)
 
     def step(self, ob, prev_angle: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor],
-             ctx: torch.Tensor, ctx_mask: torch.Tensor, env_mask: torch.Tensor | None = None,
+             text: FixedContext, env_mask: torch.Tensor | None = None,
              zero_vision: bool = False, view_table: torch.Tensor | None = None):  # fmt: skip
         """One decision as EnvDrop's AttnDecoderLSTM: the recurrent state is (h_tilde, c) of
         the last step (EnvDrop feeds h_tilde back as the LSTM's h). Returns (logits (B, K + 1),
@@ -178,21 +163,19 @@ class Follower(nn.Module):
         `prev_angle` (B, A): the last action's angle feature (zeros at the start); `view_table`:
         the environment's feature table, to gather the views again in backward (see
         `_attend_views`) rather than keep them."""
-        # The random draws in EnvDrop's order: the views' and the candidates' feature dropout,
-        # then the action embedding's and the hidden state's dropout.
-        view_drop = self._drop_mask(ob.views, env_mask)
-        cands = torch.zeros_like(ob.cand_views) if zero_vision else ob.cand_views
-        cands = self._visual(cands, ob.cand_angles, env_mask,
-                             self._drop_mask(cands, env_mask))  # (B, K, D + A)  # fmt: skip
+        # The random draws in EnvDrop's order: the views' and the candidates' feature dropout
+        # (one seed each), then the action embedding's and the hidden state's dropout.
+        view_seed, cand_seed = self._mask_seed(env_mask), self._mask_seed(env_mask)
+        cands = self._visual(ob.cand_views, ob.cand_angles, env_mask, cand_seed, zero_vision)
         h_prev, c = state
         action = self.drop(torch.tanh(self.angle_embedding(prev_angle)))  # (B, 64)
-        attended = self._attend_views(self.drop(h_prev), ob, view_drop, env_mask, zero_vision,
+        attended = self._attend_views(self.drop(h_prev), ob, view_seed, env_mask, zero_vision,
                                       view_table)  # (B, D + A)  # fmt: skip
         h1, c1 = self.lstm(torch.cat([action, attended], -1), (h_prev, c))
         h1_drop = self.drop(h1)
-        text, _ = self.text_att(h1_drop, ctx, ctx_mask)  # (B, H)
-        h_tilde = torch.tanh(self.text_out(torch.cat([text, h1_drop], -1)))
-        logit = self.cand_att.logits(self.drop(h_tilde), cands)  # (B, K)
+        attended_text = self.text_att.attend_fixed(h1_drop, text)  # (B, H)
+        h_tilde = torch.tanh(self.text_out(torch.cat([attended_text, h1_drop], -1)))
+        logit = self.cand_att.visual_logits(self.drop(h_tilde), cands)  # (B, K)
         logit = logit.masked_fill(~ob.cand_mask, float("-inf"))
         # STOP: a zero candidate right after the real ones -> logit 0 at index cand_count.
         full = torch.nn.functional.pad(logit, (0, 1), value=float("-inf"))

@@ -80,7 +80,7 @@ def rollout(model, env: NavEnv, episodes: list[Episode], tokens: torch.Tensor,
         raise ValueError(f"feedback {feedback!r}: use teacher, sample or argmax")
     device = tokens.device
     ob = env.reset(episodes)
-    ctx, ctx_mask, state = model.encode(tokens, lengths)
+    text, state = model.encode(tokens, lengths)
     batch = len(episodes)
     prev_angle = torch.zeros(batch, env.tables.view_angles.shape[-1], device=device)
     stopped = np.zeros(batch, bool)
@@ -90,7 +90,7 @@ def rollout(model, env: NavEnv, episodes: list[Episode], tokens: torch.Tensor,
     steps = 0
     while not env.done:
         dev_ob = _to(ob, device)
-        logits, state, h1 = model.step(dev_ob, prev_angle, state, ctx, ctx_mask, env_mask,
+        logits, state, h1 = model.step(dev_ob, prev_angle, state, text, env_mask,
                                        zero_vision, env.features)  # fmt: skip
         if ml_weight is not None:
             ml_loss = ml_loss + F.cross_entropy(logits, dev_ob.teacher, ignore_index=IGNORE_ACTION,
@@ -130,7 +130,7 @@ def rollout(model, env: NavEnv, episodes: list[Episode], tokens: torch.Tensor,
         if feedback != "sample":
             raise ValueError("the A2C loss needs sampled actions (feedback='sample')")
         with torch.no_grad():  # the critic's value of the final state, for unfinished episodes
-            _, _, h_last = model.step(_to(ob, device), prev_angle, state, ctx, ctx_mask, env_mask,
+            _, _, h_last = model.step(_to(ob, device), prev_angle, state, text, env_mask,
                                       zero_vision)  # fmt: skip
             last_value = model.critic(h_last).squeeze(1)
         ret = torch.where(torch.from_numpy(stopped).to(device), 0.0, last_value)

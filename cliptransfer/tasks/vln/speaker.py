@@ -20,7 +20,7 @@ from torch import nn
 from cliptransfer.config import check_range
 from cliptransfer.nav.env import NavEnv
 from cliptransfer.nav.episodes import Episode
-from cliptransfer.tasks.vln.agent import SoftDotAttention
+from cliptransfer.tasks.vln.attention import SoftDotAttention
 from cliptransfer.tasks.vln.rollout import pad_token_rows
 
 __all__ = ["PathFeatures", "Speaker", "SpeakerConfig", "SpeakerModel", "corpus_bleu",

@@ -1,0 +1,154 @@
+"""The follower's speed rewrites against the torch / EnvDrop forms they replace: same values,
+same gradients (bench/vln_train.py says what each one saves), and the dropout masks' law."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cliptransfer.tasks.vln.agent import _pad_packed
+from cliptransfer.tasks.vln.attention import FixedContext, SoftDotAttention, VisualContext
+from cliptransfer.tasks.vln.dropout import Dropout, draw_seed, dropout, dropout_mask
+from cliptransfer.tasks.vln.encoder import packed_bilstm
+
+
+def test_encoder_padding_equals_torchs_pad_packed_sequence():
+    # The encoder's one-gather padding is a speed rewrite of pad_packed_sequence: same values,
+    # same gradients.
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([3, 7, 1, 5])
+    data = torch.randn(4, 9, 6, generator=gen)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(data, lengths, batch_first=True,
+                                                     enforce_sorted=False)  # fmt: skip
+    leaf = packed.data.clone().requires_grad_()
+    mine = _pad_packed(packed._replace(data=leaf), lengths, 9)
+    ref, _ = torch.nn.utils.rnn.pad_packed_sequence(packed._replace(data=leaf), batch_first=True,
+                                                    total_length=9)  # fmt: skip
+    assert torch.equal(mine, ref) and (mine[0, 3:] == 0).all()
+    weight = torch.randn(4, 9, 6, generator=gen)
+    (g_mine,) = torch.autograd.grad((mine * weight).sum(), leaf)
+    (g_ref,) = torch.autograd.grad((ref * weight).sum(), leaf)
+    assert torch.equal(g_mine, g_ref)
+
+
+@pytest.mark.parametrize("form", ["multiply_sum", "constant_bmm", "fixed_context"])
+def test_soft_dot_attention_forms_equal_envdrops_bmm(form):
+    # Three forms of EnvDrop's SoftDotAttention (bmm -> masked softmax -> bmm), all speed
+    # rewrites: multiply-and-sum for a context that needs a gradient, bmm for a constant one
+    # (view features), and FixedContext for the instruction read at every step, whose context
+    # gradient is summed over the steps in one product when backward reaches it. Same values,
+    # same gradients (the query's, the context's, linear_in's) over 4 steps.
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([3, 7, 1, 5])
+    mask = torch.arange(9)[None] < lengths[:, None]
+    att = SoftDotAttention(5, 6).double()
+    base = torch.randn(4, 9, 6, generator=gen, dtype=torch.double, requires_grad=True)
+    hs = [torch.randn(4, 5, generator=gen, dtype=torch.double, requires_grad=True)
+          for _ in range(4)]  # fmt: skip
+    weights = [torch.randn(4, 6, generator=gen, dtype=torch.double) for _ in range(4)]
+
+    def run(kind: str):
+        ctx = base * 2.0 if form != "constant_bmm" else base.detach() * 2.0
+        fixed = FixedContext(ctx, mask) if kind == "fixed_context" else None
+        loss = 0.0
+        for h, w in zip(hs, weights):
+            if kind == "reference":
+                logit = (ctx @ att.linear_in(h).unsqueeze(2)).squeeze(2)
+                attn = torch.softmax(logit.masked_fill(~mask, float("-inf")), 1)
+                out = (attn.unsqueeze(1) @ ctx).squeeze(1)
+            elif fixed is not None:
+                out = att.attend_fixed(h, fixed)
+            else:
+                out = att(h, ctx, mask)[0]
+            loss = loss + (out * w).sum()
+        wrt = [*hs, att.linear_in.weight] + ([base] if form != "constant_bmm" else [])
+        return loss, torch.autograd.grad(loss, wrt)
+
+    ref_loss, ref_grads = run("reference")
+    loss, grads = run(form)
+    torch.testing.assert_close(loss, ref_loss)
+    for mine, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(mine, ref)
+    if form == "fixed_context":
+        with torch.no_grad():  # evaluation: the same values without the deferred node
+            fixed = FixedContext(base * 2.0, mask)
+            torch.testing.assert_close(att.attend_fixed(hs[0], fixed),
+                                       att(hs[0], base * 2.0, mask)[0])  # fmt: skip
+
+
+@pytest.mark.parametrize("lengths", [[3, 7, 1, 5, 7], [4, 4, 4], [1]])
+def test_packed_bilstm_equals_nn_lstm(lengths):
+    # Outputs (packed and padded), final states in the batch's order, and the gradients of the
+    # input and of every weight and bias.
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    lstm = nn.LSTM(6, 5, batch_first=True, bidirectional=True).double()
+    lengths = torch.tensor(lengths)
+    x = torch.randn(len(lengths), int(lengths.max()), 6, generator=gen, dtype=torch.double)
+    x.requires_grad_()
+    results = []
+    for run in (packed_bilstm, lambda m, p: m(p)):
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
+                                                   enforce_sorted=False)  # fmt: skip
+        out, (h, c) = run(lstm, packed)
+        padded, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
+        w = torch.arange(padded.numel(), dtype=torch.double).view_as(padded).sin()
+        loss = (padded * w).sum() + (h * 1.5).sum() + (c * 0.5).sum()
+        grads = torch.autograd.grad(loss, [x, *lstm.parameters()])
+        results.append((out.data, padded, h, c, grads))
+    for mine, ref in zip(*results):
+        if isinstance(mine, tuple):
+            for a, b in zip(mine, ref):
+                torch.testing.assert_close(a, b)
+        else:
+            torch.testing.assert_close(mine, ref)
+    with pytest.raises(ValueError, match="one-layer bidirectional"):
+        packed_bilstm(nn.LSTM(6, 5, batch_first=True), packed)
+
+
+def test_visual_context_equals_its_dense_concatenation():
+    # [visual * scale ; angle] attended without forming it: logits and weighted sums equal the
+    # dense (B, L, D + A) context's, for no scale, a channel scale, and no vision.
+    gen = torch.Generator().manual_seed(1)
+    visual = torch.randn(3, 4, 6, generator=gen, dtype=torch.double)
+    angle = torch.randn(3, 4, 2, generator=gen, dtype=torch.double)
+    q = torch.randn(3, 8, generator=gen, dtype=torch.double)
+    attn = torch.softmax(torch.randn(3, 4, generator=gen, dtype=torch.double), 1)
+    scale = torch.randn(3, 6, generator=gen, dtype=torch.double)
+    for ctx in (VisualContext(visual, angle, 6), VisualContext(visual, angle, 6, scale),
+                VisualContext(None, angle, 6)):  # fmt: skip
+        dense = ctx.dense()
+        torch.testing.assert_close(ctx.logits(q), (dense @ q.unsqueeze(2)).squeeze(2))
+        torch.testing.assert_close(ctx.weighted(attn), (attn.unsqueeze(1) @ dense).squeeze(1))
+    assert (VisualContext(None, angle, 6).dense()[..., :6] == 0).all()
+
+
+def test_dropout_mask_law_seed_and_rng_use():
+    # Values are exactly 0 or 1 / (1 - p); a mask is a function of its seed; the keep rate
+    # is 1 - p (binomial: n = 2^20, sd 0.00045, so 0.3 +- 0.003 is > 6 sd); one mask costs
+    # torch's generator exactly one draw (what `draw_seed` takes), so runs stay reproducible.
+    p = 0.3
+    torch.manual_seed(0)
+    mask = dropout_mask((1024, 1024), p)
+    assert mask.dtype == torch.float32 and mask.shape == (1024, 1024)
+    assert torch.equal(mask.unique(), torch.tensor([0.0, 1 / (1 - p)]))
+    assert abs(float((mask == 0).float().mean()) - p) < 0.003
+    torch.manual_seed(0)
+    seed = draw_seed()
+    after_one_draw = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(dropout_mask((1024, 1024), p), mask)  # same stream
+    assert torch.equal(torch.rand(1), after_one_draw)
+    assert torch.equal(dropout_mask((1024, 1024), p, seed=seed), mask)
+    assert not torch.equal(dropout_mask((1024, 1024), p, seed=seed + 1), mask)
+    assert torch.equal(dropout_mask((5,), 0.0), torch.ones(5))
+    with pytest.raises(ValueError, match="must be in"):
+        dropout_mask((5,), 1.0)
+    # The module: nn.Dropout's contract (identity in eval and at p = 0, mean kept in train).
+    x = torch.ones(512, 512)
+    layer = Dropout(0.5)
+    assert torch.equal(layer.eval()(x), x) and torch.equal(dropout(x, 0.0), x)
+    y = layer.train()(x)
+    assert set(y.unique().tolist()) == {0.0, 2.0} and abs(float(y.mean()) - 1.0) < 0.01
+    assert Dropout(0.5).state_dict() == nn.Dropout(0.5).state_dict() == {}
