@@ -65,13 +65,17 @@ def load_average() -> str:
         return "n/a"
 
 
-def gemm_rates(n: int = 2048, repeats: int = 9) -> dict[str, float]:
+def gemm_rates(
+    n: int = 2048, repeats: int = 9, dtypes: tuple[str, ...] = ("fp32", "bf16")
+) -> dict[str, float]:
     """This machine's fp32 and bf16 GEMM rate in GFLOP/s on the current torch thread count: an
-    (n, n) @ (n, n) matmul (2 n^3 FLOPs), the two dtypes interleaved, 2 warm-up calls each,
-    median of `repeats`. bf16 here is what autocast hands to oneDNN for Linear/matmul."""
+    (n, n) @ (n, n) matmul (2 n^3 FLOPs), the dtypes interleaved, 2 warm-up calls each,
+    median of `repeats`. bf16 here is what autocast hands to oneDNN for Linear/matmul (slow
+    where the CPU emulates it: ask for `dtypes=("fp32",)` alone there)."""
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
     pairs = {"fp32": (a, b), "bf16": (a.bfloat16(), b.bfloat16())}
+    pairs = {k: v for k, v in pairs.items() if k in dtypes}
     times: dict[str, list[float]] = {k: [] for k in pairs}
     for i in range(2 + repeats):
         for name, (x, y) in pairs.items() if i % 2 == 0 else reversed(pairs.items()):

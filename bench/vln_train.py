@@ -1,6 +1,6 @@
 """Follower training speed and memory at R2R-EnvDrop's setting (tasks/vln.py's model and rollouts).
 
-    python bench/vln_train.py                   # 1 thread, 5 timed iterations (~1-2 min)
+    python bench/vln_train.py                   # 1 thread, 2 warm-up + 5 timed iterations (~1 min)
     python bench/vln_train.py --threads 2 --iters 8
     python bench/vln_train.py --precision bf16           # CPU autocast (AVX512-BF16 / AMX)
     python bench/vln_train.py --feature-dtype float16    # the view table kept half (data.feature_dtype)
@@ -16,7 +16,9 @@ of the val_seen + val_unseen scans (../shared/data/r2r or --r2r), EnvDrop's foll
 word vocabulary (same embedding size).
 
 Printed: ms per batched decision step (both rollouts' steps, forward + backward + update
-amortised), iterations/s, peak RSS (and the features' share). For comparison, R2R-EnvDrop's
+amortised; the median / min / max over iterations), the matrix-product FLOPs per step and the
+time they take at this CPU's best GEMM rate (the floor for this model at batch 64),
+iterations/s, peak RSS (and the features' share). For comparison, R2R-EnvDrop's
 train.py on this class of 2-core CPU at that setting (from the issue): 86 ms per decision step
 on 1 thread (0.6 it/s), 61 ms on 2 threads, peak RSS 3.4 GB; target >= 2x faster, <= 1.5 GB.
 """
@@ -25,13 +27,14 @@ from __future__ import annotations
 
 import argparse
 import resource
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from machine import cpu_features, load_average
+from machine import count_flops, cpu_features, gemm_rates, load_average
 
 from cliptransfer import malloc
 from cliptransfer.nav import NavEnv, NavTables, load_graphs, load_r2r
@@ -107,10 +110,19 @@ def main() -> None:
         opt.step()
         return il["steps"] + rl["steps"]
 
-    iteration()  # warm-up
-    steps, t0 = 0, time.perf_counter()
+    # Two warm-up iterations (the heap grows to its working size over the first two: page
+    # faults that later iterations do not pay); the first counts the matrix-product FLOPs.
+    warm_steps, flops = count_flops(iteration)
+    iteration()
+    dtype = "fp32" if args.precision == "fp32" else "bf16"
+    rate = gemm_rates(dtypes=(dtype,))[dtype]
+    steps, per_step = 0, []
+    t0 = time.perf_counter()
     for _ in range(args.iters):
-        steps += iteration()
+        t = time.perf_counter()
+        n = iteration()
+        per_step.append(1000 * (time.perf_counter() - t) / n)
+        steps += n
     seconds = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     ms = 1000 * seconds / steps
@@ -118,6 +130,16 @@ def main() -> None:
     quoted = {1: 86, 2: 61}.get(args.threads)
     ratio = f" (**{quoted / ms:.1f}x** faster)" if quoted else ""
     print(f"| ms per decision step | {ms:.1f}{ratio} | {quoted or '-'} |")
+    # A shared VM's speed drifts between iterations: the spread says how much.
+    print(
+        f"| per iteration: median / min / max | {statistics.median(per_step):.1f} / "
+        f"{min(per_step):.1f} / {max(per_step):.1f} | - |"
+    )
+    # The arithmetic floor: this many FLOPs at the machine's large square-GEMM rate.
+    gflop_step = flops / warm_steps / 1e9
+    print(f"| matrix-product work per decision step | {gflop_step:.2f} GFLOP (FlopCounterMode): "
+          f"{1000 * gflop_step / rate:.1f} ms at this CPU's {rate:.0f} GFLOP/s "
+          f"{args.precision} 2048^3 GEMM rate | same model |")  # fmt: skip
     print(f"| iterations/s | {args.iters / seconds:.2f} | {'0.6' if args.threads == 1 else '-'} |")
     print(f"| decision steps per iteration | {steps / args.iters:.1f} | - |")
     print(f"| peak RSS | {rss:.0f} MB (features {features.nbytes / 2**20:.0f} MB) | 3400 MB |")

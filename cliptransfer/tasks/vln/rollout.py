@@ -135,10 +135,11 @@ def rollout(model, env: NavEnv, episodes: list[Episode], tokens: torch.Tensor,
             last_value = model.critic(h_last).squeeze(1)
         ret = torch.where(torch.from_numpy(stopped).to(device), 0.0, last_value)
         rl_loss, total = torch.zeros((), device=device), 0.0
+        values = model.critic(torch.stack(values_in)).squeeze(2)  # (T, B): one GEMM, not T
         for t in range(len(rewards) - 1, -1, -1):
             ret = ret * gamma + torch.from_numpy(rewards[t]).to(device)
             mask = torch.from_numpy(masks[t]).to(device)
-            value = model.critic(values_in[t]).squeeze(1)
+            value = values[t]
             advantage = (ret - value).detach()
             rl_loss = rl_loss + (-log_probs[t] * advantage * mask).sum()
             rl_loss = rl_loss + ((ret - value) ** 2 * mask).sum() * 0.5

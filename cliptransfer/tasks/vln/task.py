@@ -73,7 +73,7 @@ class RLConfig:
 
 @dataclass
 class VLNConfig(RunConfig):
-    # Defaults: the `large` houses on 2 CPU cores in ~8 minutes: a half-width follower, lr 1e-3,
+    # Defaults: the `large` houses on 2 CPU cores in ~6 minutes: a half-width follower, lr 1e-3,
     # at most 15 decisions (house paths have <= 6 moves), view features rescaled to norm 20,
     # dropout 0.2 / feature dropout 0.1, imitation + A2C with mlWeight 1.0, 5 epochs of 4,320
     # instructions (~340 updates). Measured on `medium`: with EnvDrop's mlWeight 0.2 and dropout
