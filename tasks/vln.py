@@ -12,7 +12,7 @@ forward-only walkers and the no-vision agent.
     python tasks/vln.py                                            # the same, one process
     accelerate launch --multi_gpu --num_processes 2 tasks/vln.py --cpu --set train.num_threads=1
     accelerate launch tasks/vln.py --set rl.feedback=teacher       # imitation only
-    accelerate launch tasks/vln.py --set stage=speaker --set train.out_dir=runs/vln-speaker
+    accelerate launch tasks/vln.py --config configs/tasks/vln_speaker.yaml
     accelerate launch tasks/vln.py --set stage=bt --set bt.speaker=runs/vln-speaker/best \
         --set no_vision=false                                      # back-translation + envdrop
     accelerate launch tasks/vln.py --config configs/tasks/vln_rxr.yaml           # 4 languages

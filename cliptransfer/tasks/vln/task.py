@@ -98,8 +98,12 @@ class VLNConfig(RunConfig):
     # "bt" (the follower on real + speaker-instructed augmented paths, environmental dropout).
     stage: str = "follower"
     bt: BTConfig = field(default_factory=BTConfig)
+    # The houses' speaker: half width, light dropout (with EnvDrop's 0.5 / 0.3 it learned the
+    # houses' phrasing but not the paths in this budget; configs/tasks/vln_speaker.yaml).
     speaker: SpeakerConfig = field(
-        default_factory=lambda: SpeakerConfig(word_embed=128, hidden=256)
+        default_factory=lambda: SpeakerConfig(
+            word_embed=128, hidden=256, dropout=0.1, feat_dropout=0.1
+        )  # fmt: skip
     )
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(
