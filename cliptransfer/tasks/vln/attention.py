@@ -109,6 +109,13 @@ class VisualContext:
         return torch.cat([visual, self.angle], -1)
 
 
+def _masked_attention(context: torch.Tensor, q: torch.Tensor, mask: torch.Tensor):
+    """softmax(context @ q over the unmasked positions) @ context -> (weighted (B, C), attention
+    (B, L)), without autograd bookkeeping for the context."""
+    attn = torch.softmax(matvec(context, q).masked_fill(~mask, float("-inf")), dim=1)
+    return torch.bmm(attn.unsqueeze(1), context).squeeze(1), attn
+
+
 class _Sink(torch.autograd.Function):
     """The context's one node in the graph: every step's attention returns no gradient for the
     token, so autograd runs this backward after all of them, and it forms the context's
@@ -137,11 +144,10 @@ class _Attend(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, token, context, mask, stash):  # q (B, C), context (B, L, C) detached
-        logit = matvec(context, q)  # (B, L)
-        attn = torch.softmax(logit.masked_fill(~mask, float("-inf")), dim=1)
+        weighted, attn = _masked_attention(context, q, mask)
         ctx.save_for_backward(q, attn)
         ctx.context, ctx.stash = context, stash
-        return torch.bmm(attn.unsqueeze(1), context).squeeze(1)  # (B, C)
+        return weighted
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -172,7 +178,5 @@ class FixedContext:
             context = self._detached
             q = q.to(context.dtype)
             if self._token is None or not torch.is_grad_enabled():
-                logit = matvec(context, q)
-                attn = torch.softmax(logit.masked_fill(~self.mask, float("-inf")), dim=1)
-                return torch.bmm(attn.unsqueeze(1), context).squeeze(1)
+                return _masked_attention(context, q, self.mask)[0]
             return _Attend.apply(q, self._token, context, self.mask, self._stash)

@@ -21,7 +21,7 @@ from cliptransfer.config import check_range
 from cliptransfer.nav.env import NavEnv
 from cliptransfer.nav.episodes import Episode
 from cliptransfer.tasks.vln.attention import SoftDotAttention
-from cliptransfer.tasks.vln.dropout import Dropout, dropout_mask
+from cliptransfer.tasks.vln.dropout import Dropout, dropout
 from cliptransfer.tasks.vln.rollout import pad_token_rows
 
 __all__ = ["PathFeatures", "Speaker", "SpeakerConfig", "SpeakerModel", "corpus_bleu",
@@ -88,9 +88,8 @@ class Speaker(nn.Module):
     def _feat_drop(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.cfg.feat_dropout == 0:
             return x
-        visual = x[..., : -self.angle_dim]
-        mask = dropout_mask(tuple(visual.shape), self.cfg.feat_dropout, x.device, x.dtype)
-        return torch.cat([visual * mask, x[..., -self.angle_dim :]], -1)
+        visual = dropout(x[..., : -self.angle_dim], self.cfg.feat_dropout)
+        return torch.cat([visual, x[..., -self.angle_dim :]], -1)
 
     def encode(self, path: PathFeatures) -> tuple[torch.Tensor, torch.Tensor]:
         """(ctx (B, T, H), mask (B, T))."""
