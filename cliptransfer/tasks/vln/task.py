@@ -7,124 +7,35 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
-from accelerate.utils import gather_object
 from torch import nn
 
 from cliptransfer import malloc
-from cliptransfer.config import ConfigError, check_range, to_dict
-from cliptransfer.engine.config import RunConfig, TrainConfig
+from cliptransfer.config import ConfigError, to_dict
 from cliptransfer.engine.evaluation import peak_memory
-from cliptransfer.engine.optim import OptimConfig, OptimizerSpec
+from cliptransfer.engine.optim import OptimizerSpec
 from cliptransfer.engine.task import CompareColumns, EvalOnlyTask, register_task
 from cliptransfer.nav.env import NavEnv
-from cliptransfer.nav.metrics import evaluate_nav
 from cliptransfer.nav.tables import NavTables, load_view_table
 from cliptransfer.tasks.vl_model import save_model_dir
 from cliptransfer.tasks.vln import evaluate as _evaluate  # noqa: F401 - cliptransfer evaluate r2r|rxr
-from cliptransfer.tasks.vln.agent import Follower, FollowerConfig
-from cliptransfer.tasks.vln.backtranslate import BTConfig, BTModel, load_speaker, sample_aug_paths
-from cliptransfer.tasks.vln.data import (
-    FEATURE_DTYPES,
-    VLNDataConfig,
-    load_vln_data,
-    train_tokenizer,
-)
+from cliptransfer.tasks.vln.agent import Follower
+from cliptransfer.tasks.vln.backtranslate import BTModel, load_speaker, sample_aug_paths
+from cliptransfer.tasks.vln.config import RLConfig, VLNConfig
+from cliptransfer.tasks.vln.data import FEATURE_DTYPES, load_vln_data, train_tokenizer
 from cliptransfer.tasks.vln.report import EVAL_SPLITS, report_text
-from cliptransfer.tasks.vln.rollout import (
-    encode_instructions,
-    forward_walk,
-    imitation_and_a2c,
-    rollout,
-)
-from cliptransfer.tasks.vln.speaker import (
-    Speaker,
-    SpeakerConfig,
-    SpeakerModel,
-    instruction_tokens,
-    speaker_bleu,
-)
+from cliptransfer.tasks.vln.rollout import encode_instructions, imitation_and_a2c
+from cliptransfer.tasks.vln.scoring import greedy_trajectories, score_split, walker_baselines
+from cliptransfer.tasks.vln.speaker import Speaker, SpeakerModel, instruction_tokens, speaker_bleu
 from cliptransfer.visual.store import FeatureStore
 
 __all__ = ["RLConfig", "VLNConfig", "VLNModel", "VLNTask"]
 
 METRICS = ("nav_error", "success_rate", "spl", "ndtw", "sdtw")
-
-
-@dataclass
-class RLConfig:
-    feedback: str = "sample"  # "sample": imitation + A2C (EnvDrop); "teacher": imitation only
-    ml_weight: float = 0.2  # EnvDrop's mlWeight: 0.2 for R2R, 0.4 for RxR
-    gamma: float = 0.9
-    entropy: float = 0.01
-
-    def __post_init__(self) -> None:
-        if self.feedback not in ("sample", "teacher"):
-            raise ConfigError(f"feedback: 'sample' or 'teacher', got {self.feedback!r}")
-        check_range("ml_weight", self.ml_weight, ge=0)
-        check_range("gamma", self.gamma, ge=0, le=1)
-
-
-@dataclass
-class VLNConfig(RunConfig):
-    # Defaults: the `large` houses on 2 CPU cores in ~6 minutes: a half-width follower, lr 1e-3,
-    # at most 15 decisions (house paths have <= 6 moves), view features rescaled to norm 20,
-    # dropout 0.2 / feature dropout 0.1, imitation + A2C with mlWeight 1.0, 5 epochs of 4,320
-    # instructions (~340 updates). Measured on `medium`: with EnvDrop's mlWeight 0.2 and dropout
-    # 0.5 / 0.3 the agent did not beat its no-vision twin in this budget (EnvDrop: 80k updates).
-    # EnvDrop's own settings (mlWeight 0.2, hidden 512, lr 1e-4, 35 actions) are
-    # configs/tasks/vln_r2r_envdrop.yaml.
-    data: VLNDataConfig = field(default_factory=lambda: VLNDataConfig(feature_norm=20.0))
-    agent: FollowerConfig = field(
-        default_factory=lambda: FollowerConfig(
-            word_embed=128, hidden=256, dropout=0.2, feat_dropout=0.1
-        )
-    )
-    rl: RLConfig = field(default_factory=lambda: RLConfig(ml_weight=1.0))
-    backbone: str = "default"  # CLIP for the houses' view features ('default' = packaged)
-    # The houses' view features: "clip" (the backbone's image embedding, as CLIP-ViL),
-    # "supervised" (the Shapes detector analogue's pooled features, as EnvDrop's ImageNet ResNet)
-    # or "symbolic" (room and landmarks read from the floor plan: the perception ceiling).
-    encoder: str = "clip"
-    max_steps: int = 15  # decisions per episode (EnvDrop's maxAction)
-    no_vision: bool = True  # also train the same agent on zeroed visual features (a baseline)
-    # "follower" (IL + A2C), "speaker" (instructions from paths; best by val_unseen BLEU) or
-    # "bt" (the follower on real + speaker-instructed augmented paths, environmental dropout).
-    stage: str = "follower"
-    bt: BTConfig = field(default_factory=BTConfig)
-    # The houses' speaker: half width, light dropout (with EnvDrop's 0.5 / 0.3 it learned the
-    # houses' phrasing but not the paths in this budget; configs/tasks/vln_speaker.yaml).
-    speaker: SpeakerConfig = field(
-        default_factory=lambda: SpeakerConfig(
-            word_embed=128, hidden=256, dropout=0.1, feat_dropout=0.1
-        )  # fmt: skip
-    )
-    optim: OptimConfig = field(
-        default_factory=lambda: OptimConfig(
-            lr=1e-3, weight_decay=0.0, warmup_steps=0, grad_clip=40.0
-        )
-    )
-    train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(
-            out_dir="runs/vln", epochs=5, batch_size=64, eval_batch_size=256, log_every=5
-        )  # fmt: skip
-    )
-
-    def __post_init__(self) -> None:
-        check_range("max_steps", self.max_steps, gt=0)
-        if self.encoder not in ("clip", "supervised", "symbolic"):
-            raise ConfigError(f"encoder: 'clip', 'supervised' or 'symbolic', got {self.encoder!r}")
-        if self.stage not in ("follower", "speaker", "bt"):
-            raise ConfigError(f"stage: 'follower', 'speaker' or 'bt', got {self.stage!r}")
-        if self.agent.env_dropout > 0 and self.stage != "follower":
-            raise ConfigError("agent.env_dropout is the follower stage's; the bt stage's "
-                              f"environmental dropout is bt.env_dropout (stage {self.stage!r})")  # fmt: skip
 
 
 class VLNModel(nn.Module):
@@ -293,42 +204,13 @@ class VLNTask(EvalOnlyTask):
         eps = self.data.episodes[split]
         return eps[: self.cfg.data.max_eval] if self.cfg.data.max_eval else eps
 
-    @torch.no_grad()
     def _greedy(self, agent: Follower, split: str, zero_vision: bool) -> list[dict]:
-        """Greedy trajectories of every episode of `split`, gathered from all processes (each
-        runs a contiguous shard; the order is the split's)."""
-        acc = self.run.accelerator
-        eps = self._eval_episodes(split)
-        shard = np.array_split(np.arange(len(eps)), acc.num_processes)[acc.process_index]
-        mine = [eps[i] for i in shard]
-        was = agent.training
-        agent.eval()
-        out = []
-        step = self.cfg.train.eval_batch_size
-        for start in range(0, len(mine), step):
-            part = mine[start : start + step]
-            tokens, lengths = self._encode(part)
-            rollout(
-                agent, self.env, part, tokens, lengths, feedback="argmax", zero_vision=zero_vision
-            )
-            out += self.env.trajectories()
-        agent.train(was)
-        return gather_object(out) if acc.num_processes > 1 else out
+        return greedy_trajectories(agent, self.env, self._eval_episodes(split), self._encode,
+                                   self.cfg.train.eval_batch_size, self.run.accelerator,
+                                   zero_vision=zero_vision)  # fmt: skip
 
     def _score_split(self, split: str, results: list[dict]) -> dict:
-        episodes = self._eval_episodes(split)
-        metrics, _ = evaluate_nav(episodes, results, self.data.graphs)
-        languages = sorted({e.language for e in episodes if e.language})
-        if len(languages) > 1:  # RxR: the table per language, one agent for all
-            by_id = {r["instr_id"]: r for r in results}
-            metrics["languages"] = {}
-            for lang in languages:
-                sub = [e for e in episodes if e.language == lang]
-                m, _ = evaluate_nav(sub, [by_id[e.instr_id] for e in sub], self.data.graphs)
-                metrics["languages"][lang] = {
-                    k: m[k] for k in ("nav_error", "success_rate", "ndtw")
-                }
-        return metrics
+        return score_split(self._eval_episodes(split), results, self.data.graphs)
 
     def evaluate(self, model: nn.Module, split: str) -> tuple[Any, dict | None]:
         inner = self.run.accelerator.unwrap_model(model)
@@ -406,20 +288,8 @@ class VLNTask(EvalOnlyTask):
 
     # ---- baselines and the report
     def _baselines(self) -> dict[str, dict]:
-        out: dict[str, dict] = {"random": {}, "forward": {}}
-        for split in EVAL_SPLITS:
-            if split not in self.data.episodes:
-                continue
-            eps = self._eval_episodes(split)
-            rng = np.random.default_rng(self.cfg.train.seed)
-            random_trajs, forward_trajs = [], []
-            for start in range(0, len(eps), 256):
-                part = eps[start : start + 256]
-                random_trajs += forward_walk(self.env, part, rng=rng)
-                forward_trajs += forward_walk(self.env, part)
-            out["random"][split] = self._score_split(split, random_trajs)
-            out["forward"][split] = self._score_split(split, forward_trajs)
-        return out
+        splits = {s: self._eval_episodes(s) for s in EVAL_SPLITS if s in self.data.episodes}
+        return walker_baselines(self.env, splits, self.data.graphs, self.cfg.train.seed)
 
     def report(self, result) -> dict[str, Any]:
         best = result.best["val"] if result.best else result.final
