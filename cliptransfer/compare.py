@@ -377,7 +377,7 @@ def run_compare(
     for i, s in enumerate(settings, 1):
         run_dir = out / s.name
         args = (["--config", config] if config else []) + set_args(
-            [*s.overrides(run_dir), *overrides]
+            [*spec.cols.defaults, *s.overrides(run_dir), *overrides]
         )
         record = {"script": path.name, "launcher": launcher, "args": args}
         metrics, reused = run_recorded(
@@ -389,7 +389,9 @@ def run_compare(
     priors = _priors(spec, rows, all_metrics)
     grouped = aggregate(spec, rows)
     table = markdown(spec, grouped, priors)
-    common = shlex.join((["--config", config] if config else []) + set_args(overrides))
+    common = shlex.join(
+        (["--config", config] if config else []) + set_args([*spec.cols.defaults, *overrides])
+    )
     atomic_write_text(
         out / "compare.md",
         f"# {task}: feature settings compared\n\n{table}\n\nScores on {spec.cols.split}, "

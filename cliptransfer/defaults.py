@@ -1,6 +1,7 @@
-"""Assets shipped in the package: the Shapes tokenizer and the default pretrained small CLIP.
+"""Assets shipped in the package: the Shapes tokenizer, the default pretrained small CLIP and the
+houses' VLN speaker (back-translation's default).
 
-Both were made by commands in this repository (see `cliptransfer/assets/README.md`), so a fresh
+All were made by commands in this repository (see `cliptransfer/assets/README.md`), so a fresh
 clone runs every script with no download and no extra step.
 """
 
@@ -11,6 +12,9 @@ from pathlib import Path
 ASSETS = Path(__file__).resolve().parent / "assets"
 SHAPES_TOKENIZER = ASSETS / "shapes_tokenizer"
 DEFAULT_CLIP = ASSETS / "clip_rn_small_shapes"
+# EnvDrop's speaker trained on the `large` houses' R2R paths over the packaged CLIP's views
+# (configs/tasks/vln_speaker.yaml): a speaker-stage best/ folder, weights in fp16.
+HOUSES_SPEAKER = ASSETS / "vln_speaker_houses"
 
 
 def resolve_tokenizer(name: str | Path, context_length: int | None = None):

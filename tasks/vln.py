@@ -1,20 +1,22 @@
 """Vision-and-language navigation (R2R / RxR): R2R-EnvDrop's follower (imitation + A2C) on CLIP
 view features, in a simulator-free environment exact to MatterSim's graph and EnvDrop's
-candidates, through Accelerate.
+candidates, with EnvDrop's speaker and back-translation, through Accelerate.
 
 With no arguments: the `large` Shapes houses (generated, their 36 views rendered and encoded by
-the packaged CLIP, and a SentencePiece tokenizer trained, all once and cached), the follower and
-its no-vision twin trained by imitation + A2C (mlWeight 1.0) on the same batches; the report
-prints NE / SR / SPL / nDTW / SDTW on val_seen and val_unseen next to the random and
-forward-only walkers and the no-vision agent.
+the packaged CLIP, and a SentencePiece tokenizer trained, all once and cached) and EnvDrop's
+back-translation stage: every update trains the follower on a real batch and on as many
+augmented paths of the training houses instructed by the packaged houses speaker under one
+environmental-dropout mask (imitation + A2C, mlWeight 1.0 / 0.6); its no-vision twin trains
+on the same batches. The report prints NE / SR / SPL / nDTW / SDTW on val_seen and val_unseen
+next to the random and forward-only walkers and the no-vision agent.
 
     accelerate launch tasks/vln.py
     python tasks/vln.py                                            # the same, one process
     accelerate launch --multi_gpu --num_processes 2 tasks/vln.py --cpu --set train.num_threads=1
-    accelerate launch tasks/vln.py --set rl.feedback=teacher       # imitation only
-    accelerate launch tasks/vln.py --config configs/tasks/vln_speaker.yaml
-    accelerate launch tasks/vln.py --set stage=bt --set bt.speaker=runs/vln-speaker/best \
-        --set no_vision=false                                      # back-translation + envdrop
+    accelerate launch tasks/vln.py --set stage=follower            # the follower alone
+    accelerate launch tasks/vln.py --set stage=follower --set rl.feedback=teacher  # imitation
+    accelerate launch tasks/vln.py --config configs/tasks/vln_speaker.yaml    # train a speaker
+    accelerate launch tasks/vln.py --set bt.speaker=runs/vln-speaker/best     # bt with it
     accelerate launch tasks/vln.py --config configs/tasks/vln_rxr.yaml           # 4 languages
     accelerate launch tasks/vln.py --config configs/tasks/vln_r2r_envdrop.yaml \\
         --set data.train=/data/R2R/R2R_train.json --set data.val_seen=/data/R2R/R2R_val_seen.json \\

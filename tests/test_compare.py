@@ -267,6 +267,7 @@ FAKE_VLN = r"""
 import json, sys
 from pathlib import Path
 sets = dict(a.split("=", 1) for a in sys.argv[2::2])
+assert sets["stage"] == "follower"  # compare's VLN default: bt would need a speaker per kind
 enc = sets["encoder"]
 sr = {"clip": 0.40, "supervised": 0.25}[enc]
 def m(sr, ne):
@@ -315,4 +316,5 @@ def test_vln_compare_sets_the_encoder_and_reads_val_unseen_with_baselines(tmp_pa
     ]
     table = (out / "compare.md").read_text()
     assert "| clip-default | views | default | 36 views 96x128 | 256 | 40.00 | 35.00 |" in table
+    assert "`--set stage=follower --set train.epochs=5`" in table
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"

@@ -24,7 +24,8 @@ from cliptransfer.worlds.houses import prepare_houses
 SMALL = ["--set", "agent.hidden=32", "--set", "agent.word_embed=16", "--set",
          "agent.angle_embed=8", "--set", "max_steps=8", "--set", "train.batch_size=16",
          "--set", "train.num_threads=1", "--set", "data.camera=64x48",
-         "--set", "data.vocab_size=120", "--set", "data.houses.size=tiny"]  # fmt: skip
+         "--set", "data.vocab_size=120", "--set", "data.houses.size=tiny",
+         "--set", "stage=follower"]  # fmt: skip
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -326,10 +327,11 @@ def test_back_translation_stage_runs_and_resumes(houses, tmp_path):
     assert [e.path for e in load_r2r(tmp_path / "aug_paths.json")] == [e.path for e in aug]
     bt = [*SMALL, "--set", f"data.houses.root={houses}", "--set", "stage=bt", "--set",
           f"bt.speaker={tmp_path / 'spk' / 'best'}", "--set",
-          f"bt.aug_paths={tmp_path / 'aug_paths.json'}", "--set", "no_vision=false",
+          f"bt.aug_paths={tmp_path / 'aug_paths.json'}",
           "--set", "train.epochs=1", "--set", "train.save_every_steps=1"]  # fmt: skip
     full = run_task(VLNTask, [*bt, "--set", f"train.out_dir={tmp_path / 'a'}"])
-    assert "val_unseen" in full and set(full["baselines"]) == {"random", "forward"}
+    # the no-vision twin is kept and walks the augmented episodes too
+    assert "val_unseen" in full and set(full["baselines"]) == {"random", "forward", "no_vision"}
     run_task(VLNTask, [*bt, "--set", f"train.out_dir={tmp_path / 'b'}", "--set",
                        "train.max_steps=2"])  # fmt: skip
     resumed = run_task(VLNTask, [*bt, "--set", f"train.out_dir={tmp_path / 'b'}",
@@ -347,3 +349,30 @@ def test_instruction_tokenizer_keeps_house_words_whole(houses, tmp_path):
     words = "walk past the gray star and turn left then stop in the kitchen".split()
     assert len(tok.tokenize_words(" ".join(words))) == len(words)
     assert (tmp_path / "tok" / "tokenizer_config.json").is_file()
+
+
+def test_packaged_speaker_describes_house_paths_and_is_the_bt_default(houses, tmp_path, capsys):
+    # The default run is back-translation with the packaged houses speaker, which reads the
+    # packaged CLIP's 128x96 views at norm 20; on these tiny houses (never seen in its training)
+    # it writes instructions that differ per path and share words with the references.
+    cfg = VLNConfig()
+    assert cfg.stage == "bt" and cfg.bt.speaker == "default"
+    base = ["--set", "train.num_threads=1", "--set", "data.houses.size=tiny",
+            "--set", f"data.houses.root={houses}", "--set", "train.eval_batch_size=64"]  # fmt: skip
+    spoken = run_task(VLNTask, [*base, "--set", "stage=speaker", "--eval-only",
+                                str(Path(__file__).resolve().parents[1] / "cliptransfer" /
+                                    "assets" / "vln_speaker_houses"),
+                                "--set", f"train.out_dir={tmp_path / 'spk'}"])  # fmt: skip
+    rows = read_json(tmp_path / "spk" / "results_val_unseen.json")
+    assert len(rows) == 6 and len({r["instruction"] for r in rows}) >= 4
+    assert spoken["val_unseen"]["bleu"] > 15
+    # Its views must be the run's: a speaker of 128x96 views refuses 64x48 ones.
+    with pytest.raises(SystemExit):
+        run_task(VLNTask, [*base, "--set", "data.camera=64x48",
+                           "--set", f"train.out_dir={tmp_path / 'x'}"])  # fmt: skip
+    assert "data.camera: speaker '128x96', this run '64x48'" in capsys.readouterr().err
+    report = run_task(VLNTask, [*base, "--set", "agent.hidden=32", "--set", "agent.word_embed=16",
+                                "--set", "max_steps=8", "--set", "train.batch_size=16",
+                                "--set", "train.max_steps=1",
+                                "--set", f"train.out_dir={tmp_path / 'bt'}"])  # fmt: skip
+    assert set(report["baselines"]) == {"random", "forward", "no_vision"}

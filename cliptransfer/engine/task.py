@@ -236,6 +236,9 @@ class CompareColumns:
     references_key: str = "prior"
     fractions: tuple[str, ...] = ()  # columns stored as fractions, shown in percent (VLN rates)
     unit: str = "accuracy (%)"  # what the numbers are (table caption, plot axis)
+    # "key=value" overrides every setting starts from, before the user's --set (which may
+    # change them), e.g. VLN's follower stage and budget.
+    defaults: tuple[str, ...] = ()
 
     @property
     def columns(self) -> tuple[str, ...]:

@@ -4,7 +4,7 @@ one visual-channel dropout mask per batch applied to every view and step of thos
 speaker describes, and the follower walks, the same "new environment").
 
 Every optimizer step trains on the real batch (mlWeight 0.2) and on as many augmented episodes
-(mlWeight 0.6), as EnvDrop alternates them.
+(mlWeight 0.6), as EnvDrop alternates them; the no-vision twin, when kept, trains on both too.
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
 from cliptransfer.config import check_range
@@ -23,12 +25,26 @@ from cliptransfer.nav.graph import NavGraph
 from cliptransfer.tasks.vln.rollout import imitation_and_a2c, pad_token_rows
 from cliptransfer.tasks.vln.speaker import PathFeatures, Speaker, path_features
 
-__all__ = ["BTConfig", "BTModel", "sample_aug_paths"]
+__all__ = [
+    "BTConfig",
+    "BTModel",
+    "check_speaker",
+    "load_speaker",
+    "sample_aug_paths",
+    "speaker_dir",
+]
+
+# What the speaker must share with the follower: the dataset (its language), the same view
+# features, scaled alike.
+SPEAKER_MATCH_KEYS = ("data.dataset", "encoder", "backbone", "data.features", "data.camera",
+                      "data.feature_norm")  # fmt: skip
 
 
 @dataclass
 class BTConfig:
-    speaker: str = ""  # best/ folder of a speaker-stage run (its tokenizer is used throughout)
+    # best/ folder of a speaker-stage run (its tokenizer is used throughout); "default": the
+    # packaged houses speaker (the packaged CLIP's views, feature norm 20).
+    speaker: str = "default"
     aug_paths: str = ""  # EnvDrop aug_paths.json; empty = sampled from the training scans
     aug_per_scan: int = 200  # sampled augmented paths per training scan
     aug_ml_weight: float = 0.6
@@ -95,34 +111,76 @@ class BTModel(nn.Module):
     def forward(self, env, episodes, tokens, lengths, rl, aug, aug_tokens, aug_lengths,
                 env_mask, bt: BTConfig) -> dict:  # fmt: skip
         terms = self.follower(env, episodes, tokens, lengths, rl)
-        losses, aug_terms = imitation_and_a2c(
-            self.follower.agent, env, aug, aug_tokens, aug_lengths, rl, bt.aug_ml_weight,
-            env_mask=env_mask.expand(len(aug), -1),
-        )  # fmt: skip
         loss = terms["loss"]
-        for part in losses:
-            loss = loss + part
-        terms.update({"aug_" + k: v for k, v in aug_terms.items()})
+        # The no-vision twin walks the same augmented episodes with the same instructions (its
+        # zeroed views need no environmental dropout), so the margin between them is vision's,
+        # not the augmented data's.
+        agents = [("aug_", self.follower.agent, False)]
+        if self.follower.blind is not None:
+            agents.append(("aug_blind_", self.follower.blind, True))
+        for prefix, agent, zero in agents:
+            losses, aug_terms = imitation_and_a2c(
+                agent, env, aug, aug_tokens, aug_lengths, rl, bt.aug_ml_weight, zero_vision=zero,
+                env_mask=None if zero else env_mask.expand(len(aug), -1),
+            )  # fmt: skip
+            for part in losses:
+                loss = loss + part
+            terms.update({prefix + k: v for k, v in aug_terms.items()})
         terms["loss"] = loss
         return terms
 
 
-def load_speaker(folder, feature_dim: int, angle_dim: int) -> tuple[Speaker, object]:
-    """(speaker, tokenizer) of a speaker-stage best/ folder (weights read with safetensors)."""
-    from pathlib import Path
+def speaker_dir(name: str) -> Path:
+    """bt.speaker -> its folder ("default": the packaged houses speaker)."""
+    from cliptransfer.defaults import HOUSES_SPEAKER
 
-    import yaml
-    from safetensors.torch import load_file
+    return HOUSES_SPEAKER if name == "default" else Path(name)
 
-    from cliptransfer.tasks.vln.speaker import SpeakerConfig
-    from cliptransfer.tokenization import load_tokenizer
 
-    folder = Path(folder)
+def _speaker_config(folder: Path) -> dict:
     if not (folder / "model.safetensors").is_file():
         raise FileNotFoundError(f"bt.speaker: no speaker best/ folder at {folder}")
     cfg = yaml.safe_load((folder / "config.yaml").read_text())
     if cfg.get("stage") != "speaker":
         raise ValueError(f"bt.speaker: {folder} holds a {cfg.get('stage')!r} model, not a speaker")
+    return cfg
+
+
+def check_speaker(name: str, run: dict) -> None:
+    """Raise ConfigError when the speaker at bt.speaker `name` was trained on another dataset or
+    other view features than this run's resolved config `run` (a dict) gives the follower
+    (SPEAKER_MATCH_KEYS)."""
+    from cliptransfer.config import ConfigError
+
+    folder = speaker_dir(name)
+    spk = _speaker_config(folder)
+
+    def get(cfg: dict, dotted: str):
+        for part in dotted.split("."):
+            cfg = cfg.get(part, {}) if isinstance(cfg, dict) else {}
+        return cfg
+
+    wrong = [f"{k}: speaker {get(spk, k)!r}, this run {get(run, k)!r}"
+             for k in SPEAKER_MATCH_KEYS if get(spk, k) != get(run, k)]  # fmt: skip
+    if wrong:
+        raise ConfigError(
+            f"bt.speaker={name} ({folder}) was trained on other data or views than this run's: "
+            + "; ".join(wrong) + ". Train a speaker on these views (--config "
+            "configs/tasks/vln_speaker.yaml with the same settings) and pass its best/ folder, or "
+            "run the follower alone (--set stage=follower)."
+        )  # fmt: skip
+
+
+def load_speaker(name: str, feature_dim: int, angle_dim: int) -> tuple[Speaker, object]:
+    """(speaker, tokenizer) of bt.speaker `name`: a speaker-stage best/ folder or "default"
+    (weights read with safetensors; fp16 assets are cast to the module's fp32)."""
+    from safetensors.torch import load_file
+
+    from cliptransfer.tasks.vln.speaker import SpeakerConfig
+    from cliptransfer.tokenization import load_tokenizer
+
+    folder = speaker_dir(name)
+    cfg = _speaker_config(folder)
     tokenizer = load_tokenizer(folder / "tokenizer")
     speaker = Speaker(SpeakerConfig(**cfg["speaker"]), tokenizer.vocab_size, feature_dim,
                       angle_dim, tokenizer.pad_id)  # fmt: skip
