@@ -123,7 +123,7 @@ def test_validate_and_post_init_errors_get_the_section_path(tmp_path: Path) -> N
          "peft.towers: must name 'image' and/or 'text', got ['image', 'audio']"),
         ("text.max_length=1", "text.max_length: must be >= 2, got 1"),
         ("text.hidden=0", "text.hidden: must be >= 1, got 0"),
-        ("text.encoder=bert", "text.encoder: must be 'gru', 'lstm' or 'hf:/path', got 'bert'"),
+        ("text.encoder=bert", "text.encoder: must be 'gru', 'lstm', 'clip', 'clip:/path' or 'hf:/path', got 'bert'"),
         ("model.topdown.dropout=1.0", "model.topdown.dropout: must be in [0, 1), got 1.0"),
         ("model.topdown.classifier_dropout=-0.5",
          "model.topdown.classifier_dropout: must be in [0, 1), got -0.5"),

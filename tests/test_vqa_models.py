@@ -169,7 +169,39 @@ def test_hf_text_encoder(tmp_path: Path):
     # An unknown encoder is refused when the config is built (before any data is read).
     with pytest.raises(ConfigError) as e:
         QuestionConfig(encoder="transformer")
-    assert str(e.value) == "encoder: must be 'gru', 'lstm' or 'hf:/path', got 'transformer'"
+    assert str(e.value) == (
+        "encoder: must be 'gru', 'lstm', 'clip', 'clip:/path' or 'hf:/path', got 'transformer'"
+    )
+
+
+def test_clip_text_tower_as_question_encoder(tmp_path: Path):
+    # text.encoder=clip: the packaged CLIP's text tower over its own tokenizer. Its pooled state
+    # projected is exactly CLIP's text embedding; padding changes nothing (causal attention).
+    from cliptransfer.defaults import resolve_clip
+
+    qcfg = QuestionConfig(encoder="clip")
+    tok = build_question_tokenizer(qcfg)
+    encoder = build_question_encoder(qcfg, tok.vocab_size)
+    texts = ["is there a red star?", "the large blue circle is to the left of the small cross"]
+    ids, mask, _ = tok(texts)
+    with torch.no_grad():
+        states, pooled = encoder(ids, mask)
+        reference = resolve_clip("default").encode_text(ids)
+        alone, _ = encoder(ids[:1, : int(mask[0].sum())], mask[:1, : int(mask[0].sum())])
+    assert states.shape == (2, 24, encoder.dim) and pooled.shape == (2, encoder.dim)
+    assert not states[~mask].any()
+    torch.testing.assert_close(pooled @ encoder.text.text_projection, reference)
+    torch.testing.assert_close(alone[0], states[0, : int(mask[0].sum())])
+    trainable = {n for n, p in encoder.named_parameters() if p.requires_grad}
+    assert "text.token_embedding.weight" in trainable and "text.text_projection" not in trainable
+    frozen = build_question_encoder(QuestionConfig(encoder="clip", freeze=True), tok.vocab_size)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    model = MCAN(encoder, C, A, MCANConfig(hidden=16, heads=2, ffn=32, flat_out=8), 4)
+    feats, vmask, spatial = pad_visual(
+        [torch.randn(3, C), torch.randn(5, C)], [torch.rand(3, 4), torch.rand(5, 4)]
+    )
+    model(feats, vmask, ids, mask, spatial).sum().backward()
+    assert encoder.text.token_embedding.weight.grad is not None
 
 
 @pytest.mark.parametrize("mode", ["full", "lock", "lora"])

@@ -1,5 +1,7 @@
 """Question encoders: learned word embeddings + GRU/LSTM over the project tokenizer (BUTD/MCAN),
-or a local Hugging Face text encoder (`encoder="hf:/path/to/bert"`).
+a CLIP text tower (`encoder="clip"`: the packaged CLIP's, over its tokenizer; `"clip:/path"`: a
+CLIP checkpoint's, with `tokenizer` naming its tokenizer) or a local Hugging Face text encoder
+(`encoder="hf:/path/to/bert"`).
 
 Every encoder maps `(ids (B, L), mask (B, L) bool)` to per-token states `(B, L, D)` (zero on
 padding) and a pooled vector `(B, D)`; neither depends on how much padding a batch carries.
@@ -17,6 +19,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from cliptransfer.config import check, check_range
 
 __all__ = [
+    "ClipQuestionEncoder",
     "HFQuestionEncoder",
     "HFQuestionTokenizer",
     "ProjectQuestionTokenizer",
@@ -29,18 +32,20 @@ __all__ = [
 
 @dataclass
 class QuestionConfig:
-    # "gru" | "lstm": learned embeddings over `tokenizer`; "hf:/path": a local HF encoder folder
-    # (model + tokenizer files), read with local_files_only.
+    # "gru" | "lstm": learned embeddings over `tokenizer`; "clip" | "clip:/path": a CLIP text
+    # tower (the packaged CLIP's, or a checkpoint's) over `tokenizer`, fine-tuned unless
+    # `freeze`; "hf:/path": a local HF encoder folder (model + tokenizer), local_files_only.
     encoder: str = "gru"
     tokenizer: str = "shapes"  # "shapes" (packaged) or a tokenizer folder (learned encoders)
     max_length: int = 24  # tokens including special tokens; longer questions are truncated
     embed_dim: int = 128
     hidden: int = 256
-    freeze: bool = False  # hf: keep the pretrained encoder frozen
+    freeze: bool = False  # clip / hf: keep the pretrained encoder frozen
 
     def __post_init__(self) -> None:
-        ok = self.encoder in ("gru", "lstm") or self.encoder.startswith("hf:")
-        check(ok, "encoder", "must be 'gru', 'lstm' or 'hf:/path'", self.encoder)
+        ok = self.encoder in ("gru", "lstm", "clip") or self.encoder.startswith(("hf:", "clip:"))
+        check(ok, "encoder", "must be 'gru', 'lstm', 'clip', 'clip:/path' or 'hf:/path'",
+              self.encoder)  # fmt: skip
         check_range("max_length", self.max_length, ge=2)  # SOT + EOT
         check_range("embed_dim", self.embed_dim, ge=1)
         check_range("hidden", self.hidden, ge=1)
@@ -109,8 +114,9 @@ def build_question_tokenizer(
     hf = _hf_path(cfg.encoder)
     if hf is not None:
         return HFQuestionTokenizer(folder or hf, cfg.max_length)
-    if cfg.encoder not in ("gru", "lstm"):
-        raise ValueError(f"text.encoder must be 'gru', 'lstm' or 'hf:/path', got {cfg.encoder!r}")
+    if cfg.encoder not in ("gru", "lstm", "clip") and not cfg.encoder.startswith("clip:"):
+        raise ValueError(f"text.encoder must be 'gru', 'lstm', 'clip', 'clip:/path' or "
+                         f"'hf:/path', got {cfg.encoder!r}")  # fmt: skip
     from cliptransfer.defaults import resolve_tokenizer
 
     return ProjectQuestionTokenizer(resolve_tokenizer(folder or cfg.tokenizer), cfg.max_length)
@@ -165,11 +171,45 @@ class HFQuestionEncoder(nn.Module):
         return tokens, pooled  # (B, L, D), (B, D)
 
 
+class ClipQuestionEncoder(nn.Module):
+    """A CLIP text tower's final-layer-normed token states (causal, as CLIP was trained) zeroed
+    on padding; pooled = the state at EOT (the last valid token), where CLIP pools."""
+
+    def __init__(self, name: str, freeze: bool = False) -> None:
+        super().__init__()
+        from cliptransfer.defaults import resolve_clip
+
+        clip = resolve_clip(name)
+        clip.visual = nn.Identity()  # the text tower only (CLIP subclasses TextTower)
+        self.text = clip
+        self.dim = int(clip.ln_final.normalized_shape[0])
+        self.vocab_size = int(clip.vocab_size)
+        # The token states skip the projection and the temperature: no gradient reaches them
+        # (an unused trainable parameter would stall DDP's reduction).
+        unused = {"text_projection", "logit_scale"}
+        for n, p in clip.named_parameters():
+            p.requires_grad = not freeze and n not in unused
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.text.encode_text_hidden(ids) * mask.unsqueeze(-1).to(torch.float32)
+        last = (mask.sum(1) - 1).clamp(min=0)  # (B,) the EOT position
+        pooled = tokens[torch.arange(ids.shape[0], device=ids.device), last]
+        return tokens, pooled  # (B, L, W), (B, W)
+
+
 def build_question_encoder(cfg: QuestionConfig, vocab_size: int) -> nn.Module:
     """The encoder `cfg.encoder` names; `vocab_size` from the matching tokenizer."""
     hf = _hf_path(cfg.encoder)
     if hf is not None:
         return HFQuestionEncoder(hf, cfg.freeze)
+    if cfg.encoder == "clip" or cfg.encoder.startswith("clip:"):
+        name = "default" if cfg.encoder == "clip" else cfg.encoder[5:]
+        encoder = ClipQuestionEncoder(name, cfg.freeze)
+        if encoder.vocab_size < vocab_size:
+            raise ValueError(f"text.encoder {cfg.encoder!r}: the CLIP text tower has "
+                             f"{encoder.vocab_size} token ids, the tokenizer {vocab_size}")  # fmt: skip
+        return encoder
     if cfg.encoder not in ("gru", "lstm"):
-        raise ValueError(f"text.encoder must be 'gru', 'lstm' or 'hf:/path', got {cfg.encoder!r}")
+        raise ValueError(f"text.encoder must be 'gru', 'lstm', 'clip', 'clip:/path' or "
+                         f"'hf:/path', got {cfg.encoder!r}")  # fmt: skip
     return RNNQuestionEncoder(vocab_size, cfg.embed_dim, cfg.hidden, cfg.encoder)
