@@ -191,7 +191,8 @@ class ClipQuestionEncoder(nn.Module):
             p.requires_grad = not freeze and n not in unused
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.text.encode_text_hidden(ids) * mask.unsqueeze(-1).to(torch.float32)
+        tokens = self.text.encode_text_hidden(ids)  # (B, L, W)
+        tokens = tokens * mask.unsqueeze(-1).to(tokens.dtype)
         last = (mask.sum(1) - 1).clamp(min=0)  # (B,) the EOT position
         pooled = tokens[torch.arange(ids.shape[0], device=ids.device), last]
         return tokens, pooled  # (B, L, W), (B, W)

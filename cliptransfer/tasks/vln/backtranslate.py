@@ -22,7 +22,7 @@ from cliptransfer.config import check_range
 from cliptransfer.nav.env import NavEnv
 from cliptransfer.nav.episodes import Episode
 from cliptransfer.nav.graph import NavGraph
-from cliptransfer.tasks.vln.rollout import imitation_and_a2c, pad_token_rows
+from cliptransfer.tasks.vln.rollout import pad_token_rows
 from cliptransfer.tasks.vln.speaker import PathFeatures, Speaker, path_features
 
 __all__ = [
@@ -111,22 +111,13 @@ class BTModel(nn.Module):
     def forward(self, env, episodes, tokens, lengths, rl, aug, aug_tokens, aug_lengths,
                 env_mask, bt: BTConfig) -> dict:  # fmt: skip
         terms = self.follower(env, episodes, tokens, lengths, rl)
-        loss = terms["loss"]
-        # The no-vision twin walks the same augmented episodes with the same instructions (its
-        # zeroed views need no environmental dropout), so the margin between them is vision's,
-        # not the augmented data's.
-        agents = [("aug_", self.follower.agent, False)]
-        if self.follower.blind is not None:
-            agents.append(("aug_blind_", self.follower.blind, True))
-        for prefix, agent, zero in agents:
-            losses, aug_terms = imitation_and_a2c(
-                agent, env, aug, aug_tokens, aug_lengths, rl, bt.aug_ml_weight, zero_vision=zero,
-                env_mask=None if zero else env_mask.expand(len(aug), -1),
-            )  # fmt: skip
-            for part in losses:
-                loss = loss + part
-            terms.update({prefix + k: v for k, v in aug_terms.items()})
-        terms["loss"] = loss
+        # The no-vision twin walks the same augmented episodes with the same instructions, so
+        # the margin between them is vision's, not the augmented data's.
+        terms["loss"], aug_terms = self.follower.walk(
+            env, aug, aug_tokens, aug_lengths, rl, bt.aug_ml_weight,
+            env_mask.expand(len(aug), -1), prefix="aug_", loss=terms["loss"],
+        )  # fmt: skip
+        terms.update(aug_terms)
         return terms
 
 
@@ -150,18 +141,12 @@ def check_speaker(name: str, run: dict) -> None:
     """Raise ConfigError when the speaker at bt.speaker `name` was trained on another dataset or
     other view features than this run's resolved config `run` (a dict) gives the follower
     (SPEAKER_MATCH_KEYS)."""
-    from cliptransfer.config import ConfigError
+    from cliptransfer.config import ConfigError, flat_hparams
 
     folder = speaker_dir(name)
-    spk = _speaker_config(folder)
-
-    def get(cfg: dict, dotted: str):
-        for part in dotted.split("."):
-            cfg = cfg.get(part, {}) if isinstance(cfg, dict) else {}
-        return cfg
-
-    wrong = [f"{k}: speaker {get(spk, k)!r}, this run {get(run, k)!r}"
-             for k in SPEAKER_MATCH_KEYS if get(spk, k) != get(run, k)]  # fmt: skip
+    spk, own = flat_hparams(_speaker_config(folder)), flat_hparams(run)
+    wrong = [f"{k}: speaker {spk.get(k)!r}, this run {own.get(k)!r}"
+             for k in SPEAKER_MATCH_KEYS if spk.get(k) != own.get(k)]  # fmt: skip
     if wrong:
         raise ConfigError(
             f"bt.speaker={name} ({folder}) was trained on other data or views than this run's: "

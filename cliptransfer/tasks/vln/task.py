@@ -54,18 +54,27 @@ class VLNModel(nn.Module):
 
     def forward(self, env: NavEnv, episodes, tokens, lengths, rl: RLConfig,
                 env_mask: torch.Tensor | None = None) -> dict:  # fmt: skip
+        ml_weight = rl.ml_weight if rl.feedback == "sample" else 1.0
+        loss, terms = self.walk(env, episodes, tokens, lengths, rl, ml_weight, env_mask)
+        return {"loss": loss, **terms}
+
+    def walk(self, env: NavEnv, episodes, tokens, lengths, rl: RLConfig, ml_weight: float,
+             env_mask: torch.Tensor | None = None, *, prefix: str = "",
+             loss: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:  # fmt: skip
+        """Imitation (+ A2C) rollouts of the agent, then of its twin (zeroed views, so no
+        `env_mask`), on one batch: their losses added to `loss` (zero when None) in that order,
+        and their terms named `prefix` + ("" | "blind_") + term."""
+        loss = torch.zeros((), device=tokens.device) if loss is None else loss
         terms: dict[str, torch.Tensor] = {}
         agents = [("", self.agent, False)] + ([("blind_", self.blind, True)] if self.blind else [])
-        loss = torch.zeros((), device=tokens.device)
-        ml_weight = rl.ml_weight if rl.feedback == "sample" else 1.0
-        for prefix, agent, zero in agents:
+        for name, agent, zero in agents:
             losses, agent_terms = imitation_and_a2c(agent, env, episodes, tokens, lengths, rl,
                                                     ml_weight, zero_vision=zero,
                                                     env_mask=None if zero else env_mask)  # fmt: skip
             for part in losses:
                 loss = loss + part
-            terms.update({prefix + k: v for k, v in agent_terms.items()})
-        return {"loss": loss, **terms}
+            terms.update({prefix + name + k: v for k, v in agent_terms.items()})
+        return loss, terms
 
 
 @register_task(
