@@ -14,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from cliptransfer.malloc import keep_freed_memory  # noqa: F401 - re-exported for the benches
 
@@ -87,10 +86,14 @@ def gemm_rates(
 
 
 def _cpu_sdpa(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
     return sdpa_flop_count(query, key, value)
 
 
 def _cpu_sdpa_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
     return sdpa_backward_flop_count(grad_out, query, key, value)
 
 
@@ -106,7 +109,11 @@ def count_flops(fn: Callable[[], object]) -> tuple[object, int]:
     """Run `fn` once under torch.utils.flop_counter.FlopCounterMode; (its result, FLOPs). Counts
     matmuls, convolutions and attention (forward and backward, 2 FLOPs per multiply-add; causal
     attention counted dense); elementwise ops, norms and the optimizer are not counted, so the
-    figure is the GEMM-like work."""
+    figure is the GEMM-like work. torch.utils.flop_counter is imported here, not with this
+    module: it brings torch._dynamo and triton (~80 MB resident), which a memory bench must not
+    count as its workload's."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION) as counter:
         out = fn()
     return out, counter.get_total_flops()

@@ -2,8 +2,9 @@
 
     python bench/vln_train.py                   # 1 thread, 2 warm-up + 5 timed iterations (~1 min)
     python bench/vln_train.py --threads 2 --iters 8
+    python bench/vln_train.py --no-compact               # compute ended episodes too, as EnvDrop
+    python bench/vln_train.py --feature-dtype float32    # the view table kept float32
     python bench/vln_train.py --precision bf16           # CPU autocast (AVX512-BF16 / AMX)
-    python bench/vln_train.py --feature-dtype float16    # the view table kept half (data.feature_dtype)
     python bench/vln_train.py --malloc fixed             # mmap threshold pinned at 1 MiB
     python bench/vln_train.py --recompute-views          # agent.recompute_views=true
 
@@ -13,14 +14,17 @@ of the val_seen + val_unseen scans (../shared/data/r2r or --r2r), EnvDrop's foll
 (word 256, hidden 512, angle 64), batch 64, max 35 actions, one iteration = an imitation rollout
 (teacher forcing) + an A2C rollout (sampled actions) + backward + RMSprop, as EnvDrop's
 `train(feedback="sample")`. A SentencePiece vocabulary of 1000 pieces stands in for EnvDrop's
-word vocabulary (same embedding size).
+word vocabulary (same embedding size). Ours runs as tasks/vln.py does by default: the view
+table kept float16 (data.feature_dtype) and rollouts that stop computing ended episodes
+(EnvDrop computes all 64 until the last one stops; `--no-compact` does too).
 
 Printed: ms per batched decision step (both rollouts' steps, forward + backward + update
 amortised; the median / min / max over iterations), the matrix-product FLOPs per step and the
-time they take at this CPU's best GEMM rate (the floor for this model at batch 64),
-iterations/s, peak RSS (and the features' share). For comparison, R2R-EnvDrop's
-train.py on this class of 2-core CPU at that setting (from the issue): 86 ms per decision step
-on 1 thread (0.6 it/s), 61 ms on 2 threads, peak RSS 3.4 GB; target >= 2x faster, <= 1.5 GB.
+time they take at this CPU's best GEMM rate, iterations/s, the episodes computed per step,
+peak RSS (and the features' share; the FLOP count runs after the peak is read). For
+comparison, R2R-EnvDrop's train.py on this class of 2-core CPU at that setting (from the
+issue): 86 ms per decision step on 1 thread (0.6 it/s), 61 ms on 2 threads, peak RSS 3.4 GB;
+target >= 2x faster, <= 1.5 GB.
 """
 
 from __future__ import annotations
@@ -57,13 +61,16 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=35)
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                     help="bf16: CPU autocast (what train.precision=bf16 runs)")  # fmt: skip
-    ap.add_argument("--feature-dtype", choices=sorted(FEATURE_DTYPES), default="float32",
+    ap.add_argument("--feature-dtype", choices=sorted(FEATURE_DTYPES), default="float16",
                     help="the in-memory view table (tasks/vln.py's data.feature_dtype)")  # fmt: skip
     ap.add_argument("--malloc", choices=["glibc", "fixed"], default="glibc",
                     help="glibc: the C library's sliding mmap threshold (tasks/vln.py); fixed: "
                          "pinned at 1 MiB (cliptransfer.malloc): less RSS, more page faults")  # fmt: skip
     ap.add_argument("--recompute-views", action="store_true",
                     help="agent.recompute_views: no view context kept for backward")  # fmt: skip
+    ap.add_argument("--no-compact", action="store_true",
+                    help="compute every episode until the batch ends, as EnvDrop (rollouts "
+                         "otherwise stop computing the episodes that have ended)")  # fmt: skip
     args = ap.parse_args()
     if args.malloc == "fixed":
         malloc.fix_mmap_threshold(1 << 20)
@@ -92,31 +99,35 @@ def main() -> None:
     print(f"{len(scans)} scans, {len(tables)} viewpoints, {len(train)} training instructions, "
           f"batch {args.batch}, D={args.dim}, max {args.max_steps} actions, {args.precision}, "
           f"{args.feature_dtype} view table, malloc {args.malloc}, recompute views "
-          f"{args.recompute_views}; follower "
+          f"{args.recompute_views}, ended episodes {'computed' if args.no_compact else 'dropped'}; "
+          f"follower "
           f"{sum(p.numel() for p in agent.parameters()):,} parameters\n")  # fmt: skip
 
     gen = torch.Generator().manual_seed(0)
+    compact, computed_rows = not args.no_compact, []  # episode decisions per iteration
 
     def iteration() -> int:
         idx = torch.randperm(len(train), generator=gen)[: args.batch].tolist()
         eps = [train[i] for i in idx]
         tokens, lengths = encode_instructions(tok, eps, 80)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            il = rollout(agent, env, eps, tokens, lengths, feedback="teacher", ml_weight=0.2)
-            rl = rollout(agent, env, eps, tokens, lengths, feedback="sample", rl=True)
+            il = rollout(agent, env, eps, tokens, lengths, feedback="teacher", ml_weight=0.2,
+                         compact=compact)  # fmt: skip
+            rl = rollout(agent, env, eps, tokens, lengths, feedback="sample", rl=True,
+                         compact=compact)  # fmt: skip
         opt.zero_grad(set_to_none=True)
         (il["loss"] + rl["loss"]).backward()
         torch.nn.utils.clip_grad_norm_(agent.parameters(), 40.0)
         opt.step()
+        computed_rows.append(il["rows"] + rl["rows"])
         return il["steps"] + rl["steps"]
 
     # Two warm-up iterations (the heap grows to its working size over the first two: page
-    # faults that later iterations do not pay); the first counts the matrix-product FLOPs.
-    warm_steps, flops = count_flops(iteration)
+    # faults that later iterations do not pay).
     iteration()
-    dtype = "fp32" if args.precision == "fp32" else "bf16"
-    rate = gemm_rates(dtypes=(dtype,))[dtype]
+    iteration()
     steps, per_step = 0, []
+    computed_rows.clear()  # the timed iterations' only
     t0 = time.perf_counter()
     for _ in range(args.iters):
         t = time.perf_counter()
@@ -125,6 +136,11 @@ def main() -> None:
         steps += n
     seconds = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    rows_per_step = sum(computed_rows) / steps
+    # After the peak is read: the FLOP counter's imports are not the training's memory.
+    counted_steps, flops = count_flops(iteration)
+    dtype = "fp32" if args.precision == "fp32" else "bf16"
+    rate = gemm_rates(dtypes=(dtype,))[dtype]
     ms = 1000 * seconds / steps
     print("| measure | ours | R2R-EnvDrop (quoted) |\n|---|---|---|")
     quoted = {1: 86, 2: 61}.get(args.threads)
@@ -136,12 +152,15 @@ def main() -> None:
         f"{min(per_step):.1f} / {max(per_step):.1f} | - |"
     )
     # The arithmetic floor: this many FLOPs at the machine's large square-GEMM rate.
-    gflop_step = flops / warm_steps / 1e9
+    gflop_step = flops / counted_steps / 1e9
     print(f"| matrix-product work per decision step | {gflop_step:.2f} GFLOP (FlopCounterMode): "
           f"{1000 * gflop_step / rate:.1f} ms at this CPU's {rate:.0f} GFLOP/s "
           f"{args.precision} 2048^3 GEMM rate | same model |")  # fmt: skip
     print(f"| iterations/s | {args.iters / seconds:.2f} | {'0.6' if args.threads == 1 else '-'} |")
     print(f"| decision steps per iteration | {steps / args.iters:.1f} | - |")
+    # EnvDrop computes all 64 episodes at every step until the batch ends.
+    print(f"| episodes computed per step (mean) | {rows_per_step:.1f} of "
+          f"{args.batch} | {args.batch} |")  # fmt: skip
     print(f"| peak RSS | {rss:.0f} MB (features {features.nbytes / 2**20:.0f} MB) | 3400 MB |")
     print(f"\nload after: {load_average()}")
 

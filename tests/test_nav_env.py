@@ -162,6 +162,14 @@ def test_load_view_table(house, tmp_path):
     assert not half[tables.index[("h", "e")]].any()  # zeros stay zero (no 0 / 0)
     ob = NavEnv(tables, half).reset([_episode("abc")])
     assert ob.views.dtype == ob.cand_views.dtype == torch.float32
+    # A value beyond float16's range (65504) is refused, naming the view; bfloat16 holds it.
+    writer = FeatureStore.create(tmp_path / "big", meta)
+    for vp in "abcde":
+        writer.add(f"h_{vp}", rows[vp] * 3e4)  # h_c: 6e4 fits, h_d: 9e4 does not
+    writer.close()
+    with pytest.raises(ValueError, match=r"big, h_d: a feature of magnitude 9e\+04 does not fit"):
+        load_view_table(tmp_path / "big", tables, dtype=torch.float16)
+    assert load_view_table(tmp_path / "big", tables, dtype=torch.bfloat16).isfinite().all()
 
 
 # --- real Matterport graphs ---------------------------------------------------------------

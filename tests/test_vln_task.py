@@ -147,6 +147,40 @@ def test_teacher_rollout_reaches_every_goal_and_a2c_trains_the_critic(world):
         rollout(agent, env, eps[:2], tokens[:2], lengths[:2], feedback="argmax", rl=True)
 
 
+@pytest.mark.parametrize("feedback", ["teacher", "sample"])
+def test_rollout_that_stops_computing_ended_episodes_equals_the_whole_batch(world, monkeypatch,
+                                                                           feedback):  # fmt: skip
+    # compact=True drops ended episodes from the computed rows (EnvDrop computes all of them and
+    # masks their outputs): same losses, gradients and trajectories up to summation order.
+    # Dropout off (its masks are drawn for the rows computed) and sampling made row-wise
+    # deterministic (the sampler's draws follow the rows too), so both runs take the same paths.
+    eps, _, env = world
+
+    def least_likely(self, shape=()):  # row-wise, and stops some episodes early
+        return self.logits.masked_fill(self.logits.isinf(), math.inf).argmin(-1)
+
+    monkeypatch.setattr(torch.distributions.Categorical, "sample", least_likely)
+    agent = _agent(env).eval()
+    tokens, lengths = _tokens(12)
+    d = env.features.shape[-1]
+    env_mask = (torch.rand(12, d, generator=torch.Generator().manual_seed(3)) > 0.3).float()
+    runs = []
+    for compact in (False, True):
+        agent.zero_grad()
+        out = rollout(agent, env, eps[:12], tokens, lengths, feedback=feedback, ml_weight=1.0,
+                      rl=feedback == "sample", env_mask=env_mask, compact=compact)  # fmt: skip
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in agent.named_parameters() if p.grad is not None}
+        runs.append((out, grads, env.trajectories()))
+    (full, grads_full, traj_full), (part, grads_part, traj_part) = runs
+    assert traj_part == traj_full and part["steps"] == full["steps"]
+    assert full["rows"] == 12 * full["steps"] and part["rows"] < full["rows"]  # it compacted
+    torch.testing.assert_close(part["loss"], full["loss"], rtol=1e-5, atol=1e-6)
+    assert grads_part.keys() == grads_full.keys() and "embedding.weight" in grads_full
+    for name, grad in grads_full.items():
+        torch.testing.assert_close(grads_part[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_forward_walker_goes_straight_five_steps(world):
     eps, graphs, env = world
     trajs = forward_walk(env, eps[:6])

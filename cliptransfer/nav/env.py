@@ -127,31 +127,41 @@ class NavEnv:
     def done(self) -> bool:
         return bool(self.ended.all())
 
-    def observe(self) -> NavObservation:
-        t, vp = self.tables, self.vp
+    def distances(self) -> np.ndarray:
+        """(B,) float64 geodesic metres from each episode's viewpoint to its goal."""
+        t = self.tables
+        return t.pair_distance[t.pair_index(self.vp, self.goal)]
+
+    def observe(self, rows: np.ndarray | None = None) -> NavObservation:
+        """The observation of every episode, or of the episodes `rows` (sorted indices into the
+        batch) only: a rollout that stops computing ended episodes gathers no views for them."""
+        t = self.tables
+        sel = slice(None) if rows is None else np.asarray(rows, np.int64)
+        vp, goal, view, ended = self.vp[sel], self.goal[sel], self.view[sel], self.ended[sel]
         count = t.cand_count[vp]
         k = max(int(count.max()), 1)
         target = t.cand_target[vp, :k]
         point = t.cand_point[vp, :k]
         mask = target >= 0
-        heading = t.candidate_headings(vp, self.view)[:, :k]
+        heading = t.candidate_headings(vp, view)[:, :k]
         cand_angles = angle_feature(heading, t.cand_elevation[vp, :k], t.view_angles.shape[-1])
         cand_angles[~mask] = 0.0
 
         # Teacher: STOP at the goal, otherwise the candidate that is the next hop.
-        at_goal = vp == self.goal
-        pair = t.pair_index(vp, self.goal)  # once: the teacher and the distance both read it
+        at_goal = vp == goal
+        pair = t.pair_index(vp, goal)  # once: the teacher and the distance both read it
         nxt = t.pair_next[pair]
         hit = target == nxt[:, None]
         teacher = np.where(at_goal, count, hit.argmax(1))
-        lost = ~at_goal & ~hit.any(1) & ~self.ended
+        lost = ~at_goal & ~hit.any(1) & ~ended
         if lost.any():
             i = int(np.flatnonzero(lost)[0])
+            episode = self.episodes[i if rows is None else int(rows[i])]
             raise RuntimeError(
-                f"episode {self.episodes[i].instr_id}: the goal cannot be reached from "
+                f"episode {episode.instr_id}: the goal cannot be reached from "
                 f"{t.keys[vp[i]][1]} through its candidates (disconnected scan graph?)"
             )
-        teacher = np.where(self.ended, IGNORE_ACTION, teacher)
+        teacher = np.where(ended, IGNORE_ACTION, teacher)
 
         # index_select, and a flat one for the candidates: ~2x and ~5x faster than advanced
         # indexing on the CPU; the indices go to the features' device (a GPU table gathers there).
@@ -161,9 +171,9 @@ class NavEnv:
         cand_views = self._flat.index_select(0, flat).view(len(vp), k, -1).float()
         return NavObservation(
             viewpoint=vp_t,
-            view_index=torch.from_numpy(self.view.copy()),
+            view_index=torch.from_numpy(view.copy()),
             views=self.features.index_select(0, vp_t.to(dev)).float(),
-            view_angles=self._view_angles[torch.from_numpy(self.view % HEADING_COUNT)],
+            view_angles=self._view_angles[torch.from_numpy(view % HEADING_COUNT)],
             cand_views=cand_views,
             cand_angles=torch.from_numpy(cand_angles),
             cand_mask=torch.from_numpy(mask),
@@ -171,12 +181,17 @@ class NavEnv:
             cand_viewpoint=torch.from_numpy(target),
             teacher=torch.from_numpy(teacher.astype(np.int64)),
             distance=torch.from_numpy(t.pair_distance[pair]),
-            ended=torch.from_numpy(self.ended.copy()),
+            ended=torch.from_numpy(ended.copy()),
         )
 
     def step(self, actions: torch.Tensor | np.ndarray | Sequence[int]) -> NavObservation:
         """Apply one decision per episode: a candidate index, or STOP (= the candidate count, or
         -1). Ended episodes ignore theirs. After `max_steps` decisions every episode ends."""
+        self.act(actions)
+        return self.observe()
+
+    def act(self, actions: torch.Tensor | np.ndarray | Sequence[int]) -> None:
+        """`step` without the observation (take it with `observe`, e.g. of some rows only)."""
         a = np.asarray(actions.cpu() if isinstance(actions, torch.Tensor) else actions, np.int64)
         if a.shape != self.vp.shape:
             raise ValueError(f"{a.shape[0] if a.ndim else 'a scalar'} actions for {len(self.vp)}")
@@ -201,7 +216,6 @@ class NavEnv:
         self.steps += 1
         if self.steps >= self.max_steps:
             self.ended[:] = True
-        return self.observe()
 
     def trajectories(self) -> list[dict]:
         """R2R results records: [{"instr_id", "trajectory": [[viewpoint, heading, elevation]]}]."""

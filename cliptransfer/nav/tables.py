@@ -172,6 +172,9 @@ class NavTables:
         return (self.cand_state_heading[vp] - base[:, None]) + self.cand_rel_heading[vp]
 
 
+_HALF_MAX = torch.finfo(torch.float16).max
+
+
 def load_view_table(
     store: FeatureStore | str,
     tables: NavTables,
@@ -206,5 +209,11 @@ def load_view_table(
             row = store[key]["features"].float()
             if norm > 0:
                 row = torch.nn.functional.normalize(row, dim=-1) * norm
+            if dtype == torch.float16 and (big := float(row.abs().max())) > _HALF_MAX:
+                raise ValueError(
+                    f"feature store {store.root}, {key}: a feature of magnitude {big:.4g} "
+                    f"does not fit float16 (max {_HALF_MAX:g}): keep the table float32 or "
+                    "bfloat16, or rescale the views (VLN: data.feature_norm)"
+                )
             out[i] = row.to(dtype)
     return out

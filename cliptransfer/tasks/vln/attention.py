@@ -123,7 +123,7 @@ class _Sink(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, context: torch.Tensor, stash: list) -> torch.Tensor:
-        ctx.stash = stash
+        ctx.stash, ctx.batch = stash, context.shape[0]
         return context.new_zeros(())
 
     @staticmethod
@@ -131,8 +131,16 @@ class _Sink(torch.autograd.Function):
         stash, ctx.stash = ctx.stash, None
         if not stash:
             return None, None
-        left = torch.stack([t for pair in stash for t in pair[0]], 2)  # (B, L, 2T)
-        right = torch.stack([t for pair in stash for t in pair[1]], 1)  # (B, 2T, C)
+
+        def full(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+            # A step that read some rows only (FixedContext.select): zero for the others.
+            if rows is None:
+                return t
+            return t.new_zeros((ctx.batch, *t.shape[1:])).index_copy_(0, rows, t)
+
+        left = torch.stack([full(t, rows) for pair, _, rows in stash for t in pair], 2)
+        right = torch.stack([full(t, rows) for _, pair, rows in stash for t in pair], 1)
+        # left (B, L, 2T), right (B, 2T, C)
         stash.clear()
         return torch.bmm(left, right), None  # (B, L, C)
 
@@ -140,13 +148,14 @@ class _Sink(torch.autograd.Function):
 class _Attend(torch.autograd.Function):
     """softmax(masked context @ q) @ context for a context whose gradient is deferred to
     `_Sink`. Returns the weighted context (B, C); backward gives q's gradient and stashes the
-    two rank-1 terms of the context's: d logits x q and attention x d weighted."""
+    two rank-1 terms of the context's: d logits x q and attention x d weighted, with `rows`
+    (the full batch's rows that `context` holds, None for all)."""
 
     @staticmethod
-    def forward(ctx, q, token, context, mask, stash):  # q (B, C), context (B, L, C) detached
+    def forward(ctx, q, token, context, mask, stash, rows):  # q (B, C), context (B, L, C)
         weighted, attn = _masked_attention(context, q, mask)
         ctx.save_for_backward(q, attn)
-        ctx.context, ctx.stash = context, stash
+        ctx.context, ctx.stash, ctx.rows = context, stash, rows
         return weighted
 
     @staticmethod
@@ -156,8 +165,8 @@ class _Attend(torch.autograd.Function):
         grad_attn = matvec(context, grad_out)  # (B, L)
         grad_logit = attn * (grad_attn - (attn * grad_attn).sum(1, keepdim=True))  # softmax'
         grad_q = torch.bmm(grad_logit.unsqueeze(1), context).squeeze(1)  # (B, C)
-        ctx.stash.append(((grad_logit, attn), (q, grad_out)))
-        return grad_q, None, None, None, None
+        ctx.stash.append(((grad_logit, attn), (q, grad_out), ctx.rows))
+        return grad_q, None, None, None, None, None
 
 
 class FixedContext:
@@ -171,6 +180,18 @@ class FixedContext:
         self._detached = context.detach().to(torch.promote_types(context.dtype, torch.float32))
         self._stash: list = []
         self._token = _Sink.apply(context, self._stash) if context.requires_grad else None
+        self._rows: torch.Tensor | None = None  # the full batch's rows held (None: all)
+
+    def select(self, keep: torch.Tensor) -> FixedContext:
+        """The rows `keep` (positions in this context) as a context over the same instruction
+        batch: attention reads only them (a rollout that stops computing ended episodes), and
+        the context's gradient is still formed once, for the whole batch."""
+        sub = FixedContext.__new__(FixedContext)
+        sub.context, sub._stash, sub._token = self.context, self._stash, self._token
+        sub._detached = self._detached.index_select(0, keep)
+        sub.mask = self.mask.index_select(0, keep)
+        sub._rows = keep if self._rows is None else self._rows.index_select(0, keep)
+        return sub
 
     def attend(self, q: torch.Tensor) -> torch.Tensor:
         """q (B, C) -> the attention-weighted context (B, C), in float32 or wider."""
@@ -179,4 +200,4 @@ class FixedContext:
             q = q.to(context.dtype)
             if self._token is None or not torch.is_grad_enabled():
                 return _masked_attention(context, q, self.mask)[0]
-            return _Attend.apply(q, self._token, context, self.mask, self._stash)
+            return _Attend.apply(q, self._token, context, self.mask, self._stash, self._rows)

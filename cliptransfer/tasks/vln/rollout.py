@@ -28,6 +28,10 @@ from cliptransfer.nav.episodes import Episode
 __all__ = ["encode_instructions", "forward_walk", "imitation_and_a2c", "pad_token_rows", "rollout"]
 
 SUCCESS_REWARD = 2.0
+# A rollout stops computing ended episodes once the running ones are at most this share of the
+# rows computed: each compaction copies the kept rows' instruction context (~10 MB at batch 64,
+# 80 tokens, 512-d), so compacting at every stop would cost more than it saves.
+COMPACT_AT = 0.75
 
 
 def encode_instructions(
@@ -73,21 +77,32 @@ def _to(ob: NavObservation, device: torch.device) -> NavObservation:
 def rollout(model, env: NavEnv, episodes: list[Episode], tokens: torch.Tensor,
             lengths: torch.Tensor, *, feedback: str, ml_weight: float | None = None,
             rl: bool = False, gamma: float = 0.9, entropy_weight: float = 0.01,
-            env_mask: torch.Tensor | None = None, zero_vision: bool = False) -> dict:  # fmt: skip
+            env_mask: torch.Tensor | None = None, zero_vision: bool = False,
+            compact: bool = True) -> dict:  # fmt: skip
     """Run one batch of episodes to the end. Returns {"loss" (when training), "ml_loss",
-    "rl_loss", "steps"}; the trajectories stay in `env.trajectories()`."""
+    "rl_loss", "steps" (batched decisions), "rows" (episode decisions computed)}; the
+    trajectories stay in `env.trajectories()`.
+
+    `compact`: stop computing episodes that have ended (EnvDrop computes the whole batch until
+    the last one stops; their outputs are masked out, so the losses, gradients and
+    trajectories are the same up to summation order, but feature dropout's masks are drawn for
+    the rows computed)."""
     if feedback not in ("teacher", "sample", "argmax"):
         raise ValueError(f"feedback {feedback!r}: use teacher, sample or argmax")
+    if rl and feedback != "sample":
+        raise ValueError("the A2C loss needs sampled actions (feedback='sample')")
     device = tokens.device
     ob = env.reset(episodes)
     text, state = model.encode(tokens, lengths)
     batch = len(episodes)
+    rows = np.arange(batch)  # the episodes computed: every running one, maybe some ended
+    rows_t = torch.arange(batch, device=device)
     prev_angle = torch.zeros(batch, env.tables.view_angles.shape[-1], device=device)
     stopped = np.zeros(batch, bool)
     last_dist = ob.distance.numpy().copy()
     ml_loss = torch.zeros((), device=device)
-    rewards, masks, log_probs, entropies, values_in = [], [], [], [], []
-    steps = 0
+    rewards, masks, log_probs, entropies, values_in, step_rows = [], [], [], [], [], []
+    steps = computed = 0
     while not env.done:
         dev_ob = _to(ob, device)
         logits, state, h1 = model.step(dev_ob, prev_angle, state, text, env_mask,
@@ -105,44 +120,61 @@ def rollout(model, env: NavEnv, episodes: list[Episode], tokens: torch.Tensor,
             log_probs.append(dist.log_prob(action))
             entropies.append(dist.entropy())
             values_in.append(h1)
-        action_cpu = action.cpu()
+            step_rows.append(rows_t)
+        action_np = action.cpu().numpy()
         k = ob.cand_angles.shape[1]
         moved = (action < dev_ob.cand_count).unsqueeze(1)
-        prev_angle = dev_ob.cand_angles[torch.arange(batch, device=device),
+        prev_angle = dev_ob.cand_angles[torch.arange(len(rows), device=device),
                                         action.clamp(max=k - 1)] * moved  # fmt: skip
-        live = ~stopped
-        stop_now = live & (action_cpu.numpy() == ob.cand_count.numpy())
-        ob = env.step(action_cpu)
-        steps += 1
+        live = ~env.ended
+        stop_now = np.zeros(batch, bool)
+        stop_now[rows] = live[rows] & (action_np == ob.cand_count.numpy())
+        full_action = np.zeros(batch, np.int64)  # ended episodes ignore theirs
+        full_action[rows] = action_np
+        env.act(full_action)
+        steps, computed = steps + 1, computed + len(rows)
         if rl:
-            dist_now = ob.distance.numpy()
+            dist_now = env.distances()
             reward = np.where(stop_now, np.where(dist_now < 3.0, SUCCESS_REWARD, -SUCCESS_REWARD),
                               np.sign(last_dist - dist_now))  # fmt: skip
             rewards.append(np.where(live, reward, 0.0).astype(np.float32))
             masks.append(live.astype(np.float32))
-            last_dist = dist_now.copy()
+            last_dist = dist_now
         stopped |= stop_now
-    out = {"ml_loss": ml_loss.detach(), "steps": steps}
+        running = ~env.ended
+        if compact and running.any() and running.sum() <= COMPACT_AT * len(rows):
+            keep = torch.from_numpy(np.flatnonzero(running[rows])).to(device)
+            rows = rows[keep.cpu().numpy()]
+            rows_t = rows_t.index_select(0, keep)
+            state = tuple(s.index_select(0, keep) for s in state)
+            prev_angle = prev_angle.index_select(0, keep)
+            text = text.select(keep)
+            env_mask = None if env_mask is None else env_mask.index_select(0, keep)
+        ob = env.observe(None if len(rows) == batch else rows)
+    out = {"ml_loss": ml_loss.detach(), "steps": steps, "rows": computed}
     loss = torch.zeros((), device=device)
     if ml_weight is not None:
         loss = loss + ml_loss * ml_weight / batch
     if rl:
-        if feedback != "sample":
-            raise ValueError("the A2C loss needs sampled actions (feedback='sample')")
         with torch.no_grad():  # the critic's value of the final state, for unfinished episodes
             _, _, h_last = model.step(_to(ob, device), prev_angle, state, text, env_mask,
                                       zero_vision)  # fmt: skip
             last_value = model.critic(h_last).squeeze(1)
-        ret = torch.where(torch.from_numpy(stopped).to(device), 0.0, last_value)
+        # Episodes no longer computed have stopped: their return starts at 0.
+        ret = torch.zeros(batch, device=device).index_copy_(
+            0, rows_t, torch.where(torch.from_numpy(stopped[rows]).to(device), 0.0, last_value)
+        )
         rl_loss, total = torch.zeros((), device=device), 0.0
-        values = model.critic(torch.stack(values_in)).squeeze(2)  # (T, B): one GEMM, not T
+        # One critic GEMM over all steps' computed rows, not one per step.
+        values = model.critic(torch.cat(values_in)).squeeze(1).split([len(r) for r in step_rows])
         for t in range(len(rewards) - 1, -1, -1):
             ret = ret * gamma + torch.from_numpy(rewards[t]).to(device)
-            mask = torch.from_numpy(masks[t]).to(device)
-            value = values[t]
-            advantage = (ret - value).detach()
+            r = step_rows[t]
+            mask = torch.from_numpy(masks[t]).to(device)[r]
+            value, ret_t = values[t], ret[r]
+            advantage = (ret_t - value).detach()
             rl_loss = rl_loss + (-log_probs[t] * advantage * mask).sum()
-            rl_loss = rl_loss + ((ret - value) ** 2 * mask).sum() * 0.5
+            rl_loss = rl_loss + ((ret_t - value) ** 2 * mask).sum() * 0.5
             rl_loss = rl_loss - entropy_weight * (entropies[t] * mask).sum()
             total += float(masks[t].sum())
         rl_loss = rl_loss / max(total, 1.0)
