@@ -3,14 +3,15 @@
 The image is the premise, `sentence2` the hypothesis; a head over grid cells (or BottomUp regions)
 and the hypothesis predicts entailment / neutral / contradiction (cross-entropy). The best epoch
 on dev is kept and scored on test. With no arguments: the Shapes world's Flickr30k-style images
-and SNLI-VE files, the packaged small CLIP's grid features, a small MCAN head; the report prints
-accuracy overall and per gold label next to the majority-label prior.
+and SNLI-VE files, the packaged small CLIP's grid features, the word-to-region head (`scan`: each
+hypothesis word attends over the cells, fused element-wise), batch 64 for 8 epochs; the report
+prints accuracy overall and per gold label next to the majority-label prior.
 
     accelerate launch tasks/snli_ve.py
     python tasks/snli_ve.py                                        # the same, one process
     accelerate launch --multi_gpu --num_processes 2 tasks/snli_ve.py --cpu --set train.num_threads=1
     accelerate launch tasks/snli_ve.py --set features.kind=bottomup       # BUTD-style regions
-    accelerate launch tasks/snli_ve.py --set model.arch=mcan
+    accelerate launch tasks/snli_ve.py --set model.arch=mcan       # or topdown, vlbert
     accelerate launch tasks/snli_ve.py --set mode=end2end --set peft.method=lora
     accelerate launch tasks/snli_ve.py --config configs/tasks/snli_ve_rn50.yaml \\
         --set data.train=/data/snli_ve/snli_ve_train.jsonl \\

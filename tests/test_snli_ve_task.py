@@ -97,7 +97,7 @@ def _args(world: Path, out: Path, cache: Path, *extra: str) -> list[str]:
         f"features.cache_dir={cache}", f"train.out_dir={out}", "train.batch_size=16",
         "train.eval_batch_size=32", "model.topdown.hidden=32", "model.mcan.hidden=16",
         "model.mcan.heads=2", "model.mcan.ffn=32", "model.mcan.flat_mlp=16",
-        "model.mcan.flat_out=32", "text.embed_dim=16",
+        "model.mcan.flat_out=32", "model.scan.hidden=16", "text.embed_dim=16",
         "text.hidden=32", "train.log_every=5", "train.num_threads=1", *extra,
     ]  # fmt: skip
     return [a for s in sets for a in ("--set", s)]
@@ -116,7 +116,7 @@ def test_trains_scores_dev_and_test_and_reloads(tiny_world: Path, tmp_path: Path
         got = evaluate_snli_ve_files(tiny_world / "snli_ve" / data, out / f"results_{name}.json")
         assert got == saved[name]
     model, cfg, tok = ve.load_trained(out / "best")
-    assert cfg.model.arch == "mcan" and report["best_epoch"] in (1, 2)
+    assert cfg.model.arch == "scan" and report["best_epoch"] in (1, 2)
     ev = ve.main(["--eval-only", str(out / "best"), "--set", f"train.out_dir={tmp_path / 'e'}"])
     assert ev["val"] == saved["val"]
 

@@ -20,6 +20,7 @@ from cliptransfer.heads.question import (
     build_question_encoder,
     build_question_tokenizer,
 )
+from cliptransfer.heads.scan import SCANConfig, WordRegionFusion
 from cliptransfer.heads.topdown import TopDown, TopDownConfig, masked_softmax
 from cliptransfer.heads.vlbert import VLBert, VLBertConfig
 from cliptransfer.visual.backbone import GridBackbone
@@ -37,7 +38,8 @@ def _heads(spatial: int = 4) -> dict[str, torch.nn.Module]:
     mc_cfg = MCANConfig(hidden=16, heads=2, ffn=32, flat_mlp=16, flat_out=24)
     mc = MCAN(RNNQuestionEncoder(V, 8, 16, "lstm"), C, A, mc_cfg, spatial)
     vb = VLBert(VLBertConfig(hidden=16, layers=1, heads=2, intermediate=32, max_text=16), V, C, A)
-    return {"topdown": td.eval(), "mcan": mc.eval(), "vlbert": vb.eval()}
+    sc = WordRegionFusion(RNNQuestionEncoder(V, 8, 16), C, A, SCANConfig(hidden=16), spatial)
+    return {"topdown": td.eval(), "mcan": mc.eval(), "vlbert": vb.eval(), "scan": sc.eval()}
 
 
 def _question(lengths: list[int], L: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -47,7 +49,7 @@ def _question(lengths: list[int], L: int, gen: torch.Generator) -> tuple[torch.T
     return ids, torch.arange(L)[None] < torch.tensor(lengths)[:, None]
 
 
-@pytest.mark.parametrize("arch", ["topdown", "mcan", "vlbert"])
+@pytest.mark.parametrize("arch", ["topdown", "mcan", "vlbert", "scan"])
 def test_forward_backward_shapes(arch: str):
     model = _heads()[arch].train()
     gen = torch.Generator().manual_seed(1)
@@ -67,7 +69,7 @@ def test_forward_backward_shapes(arch: str):
         assert "classifier.2.parametrizations.weight.original0" in names
 
 
-@pytest.mark.parametrize("arch", ["topdown", "mcan", "vlbert"])
+@pytest.mark.parametrize("arch", ["topdown", "mcan", "vlbert", "scan"])
 def test_padding_changes_nothing_for_valid_items(arch: str):
     """Each item alone (no padding) equals the same item inside a padded batch."""
     model = _heads()[arch]
@@ -88,6 +90,32 @@ def test_padding_changes_nothing_for_valid_items(arch: str):
         f, m, s = pad_visual(feats, boxes)
         f = torch.where(m[..., None], f, torch.full_like(f, 1e4))
         torch.testing.assert_close(model(f, m, ids, q_mask, s), batch, atol=1e-5, rtol=1e-5)
+
+
+def test_word_region_fusion_by_hand():
+    # model.arch=scan: each word's softmax over the valid regions, fused element-wise with the
+    # word, mean- and max-pooled over the words; written out with loops over words and regions.
+    model = _heads()["scan"]
+    gen = torch.Generator().manual_seed(3)
+    feats, mask, spatial = pad_visual([torch.randn(4, C, generator=gen)],
+                                      [torch.rand(4, 4, generator=gen)])  # fmt: skip
+    mask[0, 2] = False  # region 2 is padding: no word may attend to it
+    ids, q_mask = _question([3], 5, gen)
+    with torch.no_grad():
+        got = model(feats, mask, ids, q_mask, spatial)[0]
+        tokens, _ = model.question(ids, q_mask)
+        v = model.visual_in(torch.cat([model.visual_norm(feats), spatial], -1))[0]  # (4, H)
+        t = model.text_in(tokens)[0]  # (5, H)
+        fused = []
+        for word in range(3):
+            scores = [float(t[word] @ v[n]) / 16**0.5 for n in (0, 1, 3)]
+            weights = torch.tensor(scores).softmax(0)
+            attended = sum(w * v[n] for w, n in zip(weights, (0, 1, 3), strict=True))
+            fused.append(t[word] * attended)
+        fused = torch.stack(fused)
+        want = model.classifier(torch.cat([fused.mean(0), fused.amax(0)]))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert model.word_attention(t[None], v[None], mask)[0, :, 2].abs().max() == 0
 
 
 def test_vlbert_cells_get_their_grid_positions():

@@ -17,6 +17,7 @@ from torch import nn
 from cliptransfer.heads.mcan import MCAN, MCANConfig
 from cliptransfer.heads.question import QuestionConfig, build_question_encoder
 from cliptransfer.heads.registry import get_head, register_head
+from cliptransfer.heads.scan import SCANConfig, WordRegionFusion
 from cliptransfer.heads.topdown import TopDown, TopDownConfig
 from cliptransfer.heads.vlbert import VLBertConfig
 from cliptransfer.visual.inputs import grid_inputs
@@ -34,6 +35,7 @@ class HeadConfig:
     spatial: bool = True  # feed the normalised box of each cell/region
     topdown: TopDownConfig = dataclasses.field(default_factory=TopDownConfig)
     mcan: MCANConfig = dataclasses.field(default_factory=MCANConfig)
+    scan: SCANConfig = dataclasses.field(default_factory=SCANConfig)
     vlbert: VLBertConfig = dataclasses.field(default_factory=VLBertConfig)
     # vlbert: start from V&L pretraining (a pretrain/vl.py final/ folder); empty = fresh weights
     init_from: str = ""
@@ -61,6 +63,11 @@ def topdown(cfg: HeadConfig, question: nn.Module, visual_dim: int, num_outputs: 
 @register_head("mcan")
 def mcan(cfg: HeadConfig, question: nn.Module, visual_dim: int, num_outputs: int, spatial: int):
     return MCAN(question, visual_dim, num_outputs, cfg.mcan, spatial)
+
+
+@register_head("scan")
+def scan(cfg: HeadConfig, question: nn.Module, visual_dim: int, num_outputs: int, spatial: int):
+    return WordRegionFusion(question, visual_dim, num_outputs, cfg.scan, spatial)
 
 
 class VLModel(nn.Module):
