@@ -13,6 +13,7 @@ import torch
 
 from cliptransfer.cli import main as cli
 from cliptransfer.config import ConfigError
+from cliptransfer.defaults import HOUSES_SPEAKER
 from cliptransfer.engine import run_task
 from cliptransfer.fileio import read_json
 from cliptransfer.nav import NavEnv, NavTables, load_graphs, load_r2r
@@ -394,8 +395,7 @@ def test_packaged_speaker_describes_house_paths_and_is_the_bt_default(houses, tm
     base = ["--set", "train.num_threads=1", "--set", "data.houses.size=tiny",
             "--set", f"data.houses.root={houses}", "--set", "train.eval_batch_size=64"]  # fmt: skip
     spoken = run_task(VLNTask, [*base, "--set", "stage=speaker", "--eval-only",
-                                str(Path(__file__).resolve().parents[1] / "cliptransfer" /
-                                    "assets" / "vln_speaker_houses"),
+                                str(HOUSES_SPEAKER),
                                 "--set", f"train.out_dir={tmp_path / 'spk'}"])  # fmt: skip
     rows = read_json(tmp_path / "spk" / "results_val_unseen.json")
     assert len(rows) == 6 and len({r["instruction"] for r in rows}) >= 4

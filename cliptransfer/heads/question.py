@@ -43,12 +43,31 @@ class QuestionConfig:
     freeze: bool = False  # clip / hf: keep the pretrained encoder frozen
 
     def __post_init__(self) -> None:
-        ok = self.encoder in ("gru", "lstm", "clip") or self.encoder.startswith(("hf:", "clip:"))
-        check(ok, "encoder", "must be 'gru', 'lstm', 'clip', 'clip:/path' or 'hf:/path'",
-              self.encoder)  # fmt: skip
+        ok = (
+            self.encoder in _RNNS
+            or _clip_name(self.encoder) is not None
+            or self.encoder.startswith("hf:")
+        )
+        check(ok, "encoder", f"must be {_ENCODERS}", self.encoder)
         check_range("max_length", self.max_length, ge=2)  # SOT + EOT
         check_range("embed_dim", self.embed_dim, ge=1)
         check_range("hidden", self.hidden, ge=1)
+
+
+_RNNS = ("gru", "lstm")
+_ENCODERS = "'gru', 'lstm', 'clip', 'clip:/path' or 'hf:/path'"
+
+
+def _unknown_encoder(encoder: str) -> ValueError:
+    return ValueError(f"text.encoder must be {_ENCODERS}, got {encoder!r}")
+
+
+def _clip_name(encoder: str) -> str | None:
+    """The CLIP checkpoint `encoder` names: "default" (the packaged CLIP) for "clip", the path
+    of "clip:/path", None for any other encoder."""
+    if encoder == "clip":
+        return "default"
+    return encoder[5:] if encoder.startswith("clip:") else None
 
 
 def _hf_path(encoder: str) -> Path | None:
@@ -114,9 +133,8 @@ def build_question_tokenizer(
     hf = _hf_path(cfg.encoder)
     if hf is not None:
         return HFQuestionTokenizer(folder or hf, cfg.max_length)
-    if cfg.encoder not in ("gru", "lstm", "clip") and not cfg.encoder.startswith("clip:"):
-        raise ValueError(f"text.encoder must be 'gru', 'lstm', 'clip', 'clip:/path' or "
-                         f"'hf:/path', got {cfg.encoder!r}")  # fmt: skip
+    if cfg.encoder not in _RNNS and _clip_name(cfg.encoder) is None:
+        raise _unknown_encoder(cfg.encoder)
     from cliptransfer.defaults import resolve_tokenizer
 
     return ProjectQuestionTokenizer(resolve_tokenizer(folder or cfg.tokenizer), cfg.max_length)
@@ -203,14 +221,13 @@ def build_question_encoder(cfg: QuestionConfig, vocab_size: int) -> nn.Module:
     hf = _hf_path(cfg.encoder)
     if hf is not None:
         return HFQuestionEncoder(hf, cfg.freeze)
-    if cfg.encoder == "clip" or cfg.encoder.startswith("clip:"):
-        name = "default" if cfg.encoder == "clip" else cfg.encoder[5:]
-        encoder = ClipQuestionEncoder(name, cfg.freeze)
+    clip = _clip_name(cfg.encoder)
+    if clip is not None:
+        encoder = ClipQuestionEncoder(clip, cfg.freeze)
         if encoder.vocab_size < vocab_size:
             raise ValueError(f"text.encoder {cfg.encoder!r}: the CLIP text tower has "
                              f"{encoder.vocab_size} token ids, the tokenizer {vocab_size}")  # fmt: skip
         return encoder
-    if cfg.encoder not in ("gru", "lstm"):
-        raise ValueError(f"text.encoder must be 'gru', 'lstm', 'clip', 'clip:/path' or "
-                         f"'hf:/path', got {cfg.encoder!r}")  # fmt: skip
+    if cfg.encoder not in _RNNS:
+        raise _unknown_encoder(cfg.encoder)
     return RNNQuestionEncoder(vocab_size, cfg.embed_dim, cfg.hidden, cfg.encoder)

@@ -40,7 +40,7 @@ class VLNConfig(RunConfig):
     # norm 20, dropout 0.2 / feature dropout 0.1, imitation + A2C with mlWeight 1.0, 4 epochs
     # of 4,320 instructions (272 updates, ~9.5 minutes on 2 Zen 3 cores). The follower alone
     # (--set stage=follower --set train.epochs=5, ~6 minutes) beat its no-vision twin on unseen
-    # houses by +1.5 to +4.4 SR; back-translation by +5.4 (5 epochs) and +9.1 (4 epochs).
+    # houses by +1.5 to +4.4 SR; this default by +5.8 and +6.6 (seeds 0 and 1, README).
     # Measured on `medium`: with EnvDrop's mlWeight 0.2 and dropout 0.5 / 0.3 the follower did
     # not beat its no-vision twin in this budget (EnvDrop: 80k updates). EnvDrop's own settings
     # (mlWeight 0.2, hidden 512, lr 1e-4, 35 actions) are configs/tasks/vln_r2r_envdrop.yaml.

@@ -143,8 +143,9 @@ def rollout(model, env: NavEnv, episodes: list[Episode], tokens: torch.Tensor,
         stopped |= stop_now
         running = ~env.ended
         if compact and running.any() and running.sum() <= COMPACT_AT * len(rows):
-            keep = torch.from_numpy(np.flatnonzero(running[rows])).to(device)
-            rows = rows[keep.cpu().numpy()]
+            kept = np.flatnonzero(running[rows])  # positions in the computed rows
+            keep = torch.from_numpy(kept).to(device)
+            rows = rows[kept]
             rows_t = rows_t.index_select(0, keep)
             state = tuple(s.index_select(0, keep) for s in state)
             prev_angle = prev_angle.index_select(0, keep)
