@@ -100,7 +100,8 @@ def _prepare_vlp_corpus(args: argparse.Namespace) -> int:
     from cliptransfer.vlp.corpus import build_shapes_vlp_corpus
 
     out = build_shapes_vlp_corpus(args.shapes, args.out, heldout_fraction=args.heldout,
-                                  seed=args.seed, overwrite=args.overwrite)  # fmt: skip
+                                  seed=args.seed, questions_per_image=args.questions_per_image,
+                                  overwrite=args.overwrite)  # fmt: skip
     counts = read_json(out / "manifest.json")["counts"]
     print(f"wrote {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
@@ -296,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     vc.add_argument("--out", required=True)
     vc.add_argument("--heldout", type=float, default=0.05, help="fraction of images held out")
     vc.add_argument("--seed", type=int, default=0)
+    vc.add_argument("--questions-per-image", type=int, default=6,
+                    help="the first N questions of each image (0: all)")  # fmt: skip
     vc.add_argument("--overwrite", action="store_true")
     vc.set_defaults(func=_prepare_vlp_corpus)
 

@@ -243,6 +243,25 @@ def test_bad_size_and_default_dir(monkeypatch, tmp_path):
         prepare_shapes(tmp_path / "w", "huge")
     assert not (tmp_path / "w").exists()
     monkeypatch.setenv("CLIPTRANSFER_CACHE", str(tmp_path))
-    assert default_world_dir("small", 3) == tmp_path / "shapes-small-seed3-v1"
+    assert default_world_dir("small", 3) == tmp_path / "shapes-small-seed3-v2"
     monkeypatch.delenv("CLIPTRANSFER_CACHE")
-    assert default_world_dir() == Path.home() / ".cache/cliptransfer/shapes-small-seed0-v1"
+    assert default_world_dir() == Path.home() / ".cache/cliptransfer/shapes-small-seed0-v2"
+
+
+def test_question_dense_train_split_changes_only_the_train_questions(world, monkeypatch, tmp_path):
+    """`small`'s preset gives train images 24-48 questions; every other file stays what the
+    4-8 preset writes, byte for byte (the random streams are named per purpose)."""
+    from dataclasses import replace
+
+    monkeypatch.setitem(SIZES, "dense", replace(SIZES["tiny"], train_questions=(12, 24)))
+    dense = prepare_shapes(tmp_path / "dense", "dense", seed=0)
+    train_q = "vqa/v2_OpenEnded_mscoco_train2014_questions.json"
+    train_a = "vqa/v2_mscoco_train2014_annotations.json"
+    a, b = _digest(world), _digest(dense)
+    assert set(a) == set(b)
+    assert {k for k in a if a[k] != b[k]} == {train_q, train_a, "manifest.json"}
+    per_image = Counter(q["image_id"] for q in _load(dense, train_q)["questions"])
+    assert len(per_image) == 48 and min(per_image.values()) >= 12 and max(per_image.values()) <= 24
+    sparse = Counter(q["image_id"] for q in _load(world, train_q)["questions"])
+    assert max(sparse.values()) <= 8
+    assert SIZES["small"].train_questions == (24, 48) and SIZES["medium"].train_questions == (4, 8)

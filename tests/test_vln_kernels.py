@@ -9,7 +9,7 @@ from torch import nn
 
 from cliptransfer.tasks.vln.agent import _pad_packed
 from cliptransfer.tasks.vln.attention import FixedContext, SoftDotAttention, VisualContext
-from cliptransfer.tasks.vln.dropout import Dropout, draw_seed, dropout, dropout_mask
+from cliptransfer.dropout import Dropout, draw_seed, dropout, dropout_mask
 from cliptransfer.tasks.vln.encoder import packed_bilstm
 
 

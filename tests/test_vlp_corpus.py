@@ -117,3 +117,30 @@ def test_shapes_corpus_on_the_tiny_world_and_cli(tiny_world: Path, tmp_path: Pat
     assert all(s.label for s in train + minival if s.source == "vqa")
     with pytest.raises(FileNotFoundError, match="captions_train2014.json missing"):
         build_shapes_vlp_corpus(tmp_path / "nowhere", tmp_path / "c2")
+
+
+def test_shapes_corpus_keeps_the_first_questions_of_each_image(tiny_world: Path, tmp_path: Path):
+    questions = json.loads(
+        (tiny_world / "vqa" / "v2_OpenEnded_mscoco_train2014_questions.json").read_text()
+    )["questions"]
+    by_image: dict[int, list[dict]] = {}
+    for q in sorted(questions, key=lambda q: q["question_id"]):
+        by_image.setdefault(q["image_id"], []).append(q)
+    assert max(len(qs) for qs in by_image.values()) > 2  # the cap has work to do
+    want = {f"COCO_train2014_{i:012d}": [q["question"] for q in qs[:2]]
+            for i, qs in by_image.items()}  # fmt: skip
+    out = build_shapes_vlp_corpus(tiny_world, tmp_path / "c", questions_per_image=2)
+    got: dict[str, list[str]] = {}
+    for f in ("mscoco_train.json", "mscoco_minival.json"):
+        for s in load_lxmert(out / f):
+            if s.source == "vqa":
+                got.setdefault(s.img_id, []).append(s.text)
+    assert got == want
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["questions"] == sum(len(v) for v in want.values())
+    everything = build_shapes_vlp_corpus(tiny_world, tmp_path / "all", questions_per_image=0)
+    assert json.loads((everything / "manifest.json").read_text())["counts"]["questions"] == len(
+        questions
+    )
+    with pytest.raises(ValueError, match="questions_per_image must be >= 0"):
+        build_shapes_vlp_corpus(tiny_world, tmp_path / "c3", questions_per_image=-1)

@@ -52,7 +52,7 @@ def test_report_final_folder_and_qa_stage(pretrained, tiny_world: Path):
                                                  "answers.json", "meta.json"}  # fmt: skip
     answers = json.loads((final / "answers.json").read_text())
     assert len(answers) == json.loads((final / "meta.json").read_text())["answers"] > 0
-    corpus = json.loads((tiny_world / "vlp-corpus" / "manifest.json").read_text())
+    corpus = json.loads((tiny_world / "vlp-corpus-q6" / "manifest.json").read_text())
     assert corpus["counts"]["minival_images"] > 0
     # QA joins at loss.qa_from_epoch (1): epoch 0 logs mlm + itm only, epoch 1 also qa.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

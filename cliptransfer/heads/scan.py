@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from cliptransfer.config import check_range
+from cliptransfer.dropout import Dropout
 from cliptransfer.heads.topdown import masked_softmax
 
 __all__ = ["SCANConfig", "WordRegionFusion"]
@@ -35,7 +36,9 @@ class SCANConfig:
     dropout: float = 0.1  # on the fused word vectors
     classifier_dropout: float = 0.2
     # LayerNorm on the visual input (CLIP layer4 activations have a large, backbone-dependent
-    # scale), as the top-down head's.
+    # scale), as the top-down head's, without its own scale and shift: `visual_in` right after
+    # it can learn both, and the features then need no gradient (a third of a training step
+    # was that (B*N, H) x (H, C) product).
     visual_norm: bool = True
 
     def __post_init__(self) -> None:
@@ -56,14 +59,16 @@ class WordRegionFusion(nn.Module):
         self.cfg, self.spatial_dim = cfg, spatial_dim
         h = cfg.hidden
         self.question = question
-        self.visual_norm = nn.LayerNorm(visual_dim) if cfg.visual_norm else nn.Identity()
+        self.visual_norm = (
+            nn.LayerNorm(visual_dim, elementwise_affine=False) if cfg.visual_norm else nn.Identity()
+        )
         self.text_in = nn.Linear(question.dim, h)
         self.visual_in = nn.Linear(visual_dim + spatial_dim, h)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.classifier = nn.Sequential(
             nn.Linear(2 * h, 2 * h),
             nn.ReLU(),
-            nn.Dropout(cfg.classifier_dropout),
+            Dropout(cfg.classifier_dropout),
             nn.Linear(2 * h, num_outputs),
         )
 

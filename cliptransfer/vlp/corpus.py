@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,12 +126,15 @@ def build_shapes_vlp_corpus(
     *,
     heldout_fraction: float = 0.05,
     seed: int = 0,
+    questions_per_image: int = 6,
     overwrite: bool = False,
 ) -> Path:
     """Write the Shapes world's train2014 captions ("mscoco") and VQA train questions with soft
     answers ("vqa") as `out/mscoco_train.json`, minus `heldout_fraction` of the images (drawn by
     `seed`), which go to `out/mscoco_minival.json` for held-out MLM / ITM accuracy. val2014 is
-    left out entirely: the VQA task scores on it."""
+    left out entirely: the VQA task scores on it. `questions_per_image` keeps the first N
+    questions of each image (0: all): VQA v2 has 5.4 per image, the question-dense `small`
+    world 24-48, which would make the questions most of the corpus and multiply its epochs."""
     world = Path(world).absolute()
     captions_file = world / "annotations" / "captions_train2014.json"
     questions_file = world / "vqa" / "v2_OpenEnded_mscoco_train2014_questions.json"
@@ -140,8 +144,10 @@ def build_shapes_vlp_corpus(
             raise FileNotFoundError(f"vlp corpus: {f} missing (prepare the Shapes world first)")
     if not 0 < heldout_fraction < 1:
         raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+    if questions_per_image < 0:
+        raise ValueError(f"questions_per_image must be >= 0, got {questions_per_image}")
     identity = {"version": VERSION, "world": str(world), "heldout_fraction": heldout_fraction,
-                "seed": seed}  # fmt: skip
+                "seed": seed, "questions_per_image": questions_per_image}  # fmt: skip
 
     def generate(tmp: Path) -> None:
         captions = read_json(captions_file)
@@ -151,7 +157,11 @@ def build_shapes_vlp_corpus(
         answers = {
             a["question_id"]: a["answers"] for a in read_json(annotations_file)["annotations"]
         }
-        for q in read_json(questions_file)["questions"]:
+        kept: Counter[int] = Counter()
+        for q in sorted(read_json(questions_file)["questions"], key=lambda q: q["question_id"]):
+            if questions_per_image and kept[q["image_id"]] >= questions_per_image:
+                continue
+            kept[q["image_id"]] += 1
             if q["question_id"] not in answers:
                 raise VLPCorpusError(f"{annotations_file}: no annotation for question "
                                      f"{q['question_id']} of {questions_file}")  # fmt: skip

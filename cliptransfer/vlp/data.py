@@ -74,6 +74,9 @@ class VLPDataConfig:
     train: str = ""
     val: str = ""  # held-out pairs for MLM / ITM accuracy (LXMERT's minival)
     sources: str = ""  # sentf sources to read (comma list, e.g. "mscoco,vqa"); empty = all
+    # The Shapes world's corpus: the first N VQA questions of each image (0 = all; VQA v2 has
+    # 5.4 per image, the question-dense `small` world 24-48).
+    questions_per_image: int = 6
     mlm_prob: float = 0.15
     whole_word: bool = False
     itm_prob: float = 0.5  # probability that a sentence is swapped for another image's
@@ -90,6 +93,7 @@ class VLPDataConfig:
 
     def __post_init__(self) -> None:
         check_range("mlm_prob", self.mlm_prob, ge=0, le=1)
+        check_range("questions_per_image", self.questions_per_image, ge=0)
         check_range("itm_prob", self.itm_prob, ge=0, lt=1)
         check_range("swap_prob", self.swap_prob, ge=0, le=1)
         check(

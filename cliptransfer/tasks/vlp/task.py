@@ -110,9 +110,9 @@ class VLPTask(VLTask):
     def load_splits(self, world: Path | None) -> dict[str, Any]:
         d = self.cfg.data
         if world is not None:
-            corpus = world / "vlp-corpus"
+            corpus = world / f"vlp-corpus-q{d.questions_per_image}"
             with self.run.accelerator.main_process_first():
-                build_shapes_vlp_corpus(world, corpus)
+                build_shapes_vlp_corpus(world, corpus, questions_per_image=d.questions_per_image)
             train, val = [corpus / "mscoco_train.json"], [corpus / "mscoco_minival.json"]
             self.images = Path(d.images) if d.images else world / "images"
         else:

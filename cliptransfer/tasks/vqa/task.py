@@ -16,7 +16,7 @@ from cliptransfer.config import ConfigError, load_config
 from cliptransfer.engine.config import TrainConfig
 from cliptransfer.engine.optim import OptimConfig
 from cliptransfer.engine.task import CompareColumns, EvaluateCommand, register_task
-from cliptransfer.heads.model import VLModel
+from cliptransfer.heads.model import HeadConfig, VLModel, shapes_head
 from cliptransfer.heads.question import build_question_tokenizer
 from cliptransfer.tasks.common import VLDataConfig, VLTask, VLTaskConfig, markdown_table
 from cliptransfer.tasks.vl_model import load_best_model, read_meta, task_model
@@ -71,8 +71,13 @@ class VQAConfig(VLTaskConfig):
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.01, warmup_steps=100)
     )
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/vqa", epochs=6))
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(out_dir="runs/vqa", epochs=2, batch_size=64)
+    )
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # The word-to-region head: with MCAN (`--set model.arch=mcan`) yes/no stays at the answer
+    # prior on the Shapes questions (README, "VQA yes/no").
+    model: HeadConfig = field(default_factory=lambda: replace(shapes_head(), arch="scan"))
 
 
 def soft_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,14 @@ once `manifest.json` (written last) is complete.
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
+import os
 import random
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 from cliptransfer.fileio import write_json
@@ -25,7 +31,11 @@ from .scene import COLORS, OBJECT_SIZES, SHAPES, TEXTURES, Scene, sample_scene, 
 # The identifier worlds were first written under (then cliptransfer.data.shapes): kept so that
 # worlds already on disk stay valid and generation stays byte-identical.
 GENERATOR = "cliptransfer.data.shapes"
-GENERATOR_VERSION = 1
+# 2: the small world's train split has 24-48 questions per image (was 4-8, as every other split).
+GENERATOR_VERSION = 2
+# The random streams' names keep version 1: output that version 2 did not change stays
+# byte-identical (every world but small's train questions).
+_STREAM_VERSION = 1
 WIDTH, HEIGHT = 160, 120  # 4:3 like COCO
 CAPTIONS_PER_IMAGE = 5
 HYPOTHESES_PER_LABEL = 3  # one premise per triple (e, n, c), as in SNLI
@@ -44,11 +54,15 @@ class WorldSize:
     flickr_dev: int
     flickr_test: int
     classify: int
+    # Questions per train image (lo, hi); val images always get 4-8. `small` is question-dense
+    # so that VQA's yes/no questions are learned within the default run's few minutes: with 4-8
+    # they stayed at the answer prior (README, "VQA yes/no").
+    train_questions: tuple[int, int] = (4, 8)
 
 
 SIZES: dict[str, WorldSize] = {
     "tiny": WorldSize(48, 24, 24, 8, 8, 48),
-    "small": WorldSize(2000, 500, 1000, 200, 200, 480),
+    "small": WorldSize(2000, 500, 1000, 200, 200, 480, train_questions=(24, 48)),
     "medium": WorldSize(10000, 2500, 5000, 1000, 1000, 960),
 }
 
@@ -67,7 +81,7 @@ def _check_size(size: str) -> WorldSize:
 
 def _rng(seed: int, stream: str, idx: int, purpose: str) -> random.Random:
     # String seeds are hashed with SHA-512 by `random`: stable across runs and Python versions.
-    return random.Random(f"shapes-v{GENERATOR_VERSION}/{seed}/{stream}/{idx}/{purpose}")
+    return random.Random(f"shapes-v{_STREAM_VERSION}/{seed}/{stream}/{idx}/{purpose}")
 
 
 def object_records(scene: Scene) -> list[dict]:
@@ -102,14 +116,14 @@ def coco_scene(seed: int, split: str, idx: int) -> Scene:
     return sample_scene(_rng(seed, f"coco-{split}", idx, "scene"), WIDTH, HEIGHT)
 
 
-def _coco_item(root: Path, seed: int, split: str, idx: int) -> dict:
+def _coco_item(root: Path, seed: int, split: str, idx: int, questions: tuple[int, int]) -> dict:
     image_id = COCO_ID_BASE[split] + idx
     stream = f"coco-{split}"
     scene = coco_scene(seed, split, idx)
     file_name = f"COCO_{split}2014_{image_id:012d}.jpg"
     save_jpeg(render(scene), root / "images" / f"{split}2014" / file_name)
     captions = make_captions(scene, _rng(seed, stream, idx, "captions"), CAPTIONS_PER_IMAGE)
-    qas = make_questions(scene, _rng(seed, stream, idx, "questions"))
+    qas = make_questions(scene, _rng(seed, stream, idx, "questions"), *questions)
     arng = _rng(seed, stream, idx, "answers")
     questions, annotations = [], []
     for k, qa in enumerate(qas):
@@ -248,11 +262,38 @@ def _write_objects(root: Path, rel: str, images: list[dict], counts: dict[str, i
     counts[rel] = len(images)
 
 
+@contextlib.contextmanager
+def _workers() -> Iterator[ProcessPoolExecutor | None]:
+    """Two forked worker processes for the item loops, or None (one core, or no fork): every
+    item's randomness is named by its index (`_rng`), so the output is the same bytes whichever
+    process draws it. Forked, not spawned: a spawned worker would import the launching script
+    (torch and all) before its first item."""
+    if (os.cpu_count() or 1) < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        yield None
+        return
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+        yield pool
+
+
+def _map_items(pool: ProcessPoolExecutor | None, make: Callable[[int], dict], n: int) -> list[dict]:
+    """[make(0), ..., make(n - 1)], on the pool when there is more than a little to do."""
+    if pool is None or n < 256:
+        return [make(i) for i in range(n)]
+    return list(pool.map(make, range(n), chunksize=64))
+
+
 def _generate(root: Path, size: str, spec: WorldSize, seed: int) -> None:
+    with _workers() as pool:
+        _generate_files(root, size, spec, seed, partial(_map_items, pool))
+
+
+def _generate_files(root: Path, size: str, spec: WorldSize, seed: int,
+                    map_items: Callable[[Callable[[int], dict], int], list[dict]]) -> None:  # fmt: skip
     counts: dict[str, int] = {}
     for split, n in (("train", spec.coco_train), ("val", spec.coco_val)):
         (root / "images" / f"{split}2014").mkdir(parents=True, exist_ok=True)
-        items = [_coco_item(root, seed, split, i) for i in range(n)]
+        questions = spec.train_questions if split == "train" else (4, 8)
+        items = map_items(partial(_coco_item, root, seed, split, questions=questions), n)
         _write_coco(root, split, items, counts)
 
     (root / "flickr30k_images").mkdir(parents=True, exist_ok=True)
@@ -262,7 +303,7 @@ def _generate(root: Path, size: str, spec: WorldSize, seed: int) -> None:
         ("dev", spec.flickr_dev),
         ("test", spec.flickr_test),
     ):
-        items = [_flickr_item(root, seed, split, i) for i in range(n)]
+        items = map_items(partial(_flickr_item, root, seed, split), n)
         rel = f"snli_ve/snli_ve_{split}.jsonl"
         counts[rel] = formats.write_jsonl(root / rel, (r for it in items for r in it["snli"]))
         flickr_images += [it["objects"] for it in items]
@@ -270,7 +311,7 @@ def _generate(root: Path, size: str, spec: WorldSize, seed: int) -> None:
     _write_objects(root, "objects/flickr30k.json", flickr_images, counts)
 
     (root / "classify" / "images").mkdir(parents=True, exist_ok=True)
-    rows = [_classify_item(root, seed, i) for i in range(spec.classify)]
+    rows = map_items(partial(_classify_item, root, seed), spec.classify)
     counts["classify/val.jsonl"] = formats.write_jsonl(root / "classify/val.jsonl", rows)
     formats.write_json(
         root / "classify/classes.json", {"shape": list(SHAPES), "color": list(COLORS)}
