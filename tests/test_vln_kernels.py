@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from cliptransfer.dropout import Dropout, draw_seed, dropout, dropout_mask
 from cliptransfer.tasks.vln.agent import _pad_packed
 from cliptransfer.tasks.vln.attention import FixedContext, SoftDotAttention, VisualContext
-from cliptransfer.dropout import Dropout, draw_seed, dropout, dropout_mask
 from cliptransfer.tasks.vln.encoder import packed_bilstm
 
 

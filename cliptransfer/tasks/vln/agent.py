@@ -19,8 +19,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cliptransfer.config import ConfigError, check_range
-from cliptransfer.tasks.vln.attention import FixedContext, SoftDotAttention, VisualContext
 from cliptransfer.dropout import Dropout, draw_seed, dropout_mask
+from cliptransfer.tasks.vln.attention import FixedContext, SoftDotAttention, VisualContext
 from cliptransfer.tasks.vln.encoder import packed_bilstm
 
 __all__ = ["Follower", "FollowerConfig"]

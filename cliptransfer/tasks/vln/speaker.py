@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from cliptransfer.config import check_range
+from cliptransfer.dropout import Dropout, dropout
 from cliptransfer.nav.env import NavEnv
 from cliptransfer.nav.episodes import Episode
 from cliptransfer.tasks.vln.attention import SoftDotAttention
-from cliptransfer.dropout import Dropout, dropout
 from cliptransfer.tasks.vln.rollout import pad_token_rows
 
 __all__ = ["PathFeatures", "Speaker", "SpeakerConfig", "SpeakerModel", "corpus_bleu",
