@@ -37,8 +37,8 @@ class SCANConfig:
     classifier_dropout: float = 0.2
     # LayerNorm on the visual input (CLIP layer4 activations have a large, backbone-dependent
     # scale), as the top-down head's, without its own scale and shift: `visual_in` right after
-    # it can learn both, and the features then need no gradient (a third of a training step
-    # was that (B*N, H) x (H, C) product).
+    # it can learn both, and the features then need no gradient (that (B*N, H) x (H, C) product
+    # was 12 of 86 ms per VQA training step).
     visual_norm: bool = True
 
     def __post_init__(self) -> None:

@@ -76,7 +76,7 @@ class VQAConfig(VLTaskConfig):
     )
     eval: EvalConfig = field(default_factory=EvalConfig)
     # The word-to-region head: with MCAN (`--set model.arch=mcan`) yes/no stays at the answer
-    # prior on the Shapes questions (README, "VQA yes/no").
+    # prior on the Shapes questions (README, "The default VQA run").
     model: HeadConfig = field(default_factory=lambda: replace(shapes_head(), arch="scan"))
 
 

@@ -56,7 +56,7 @@ class WorldSize:
     classify: int
     # Questions per train image (lo, hi); val images always get 4-8. `small` is question-dense
     # so that VQA's yes/no questions are learned within the default run's few minutes: with 4-8
-    # they stayed at the answer prior (README, "VQA yes/no").
+    # they stayed at the answer prior (README, "The default VQA run").
     train_questions: tuple[int, int] = (4, 8)
 
 
@@ -116,14 +116,14 @@ def coco_scene(seed: int, split: str, idx: int) -> Scene:
     return sample_scene(_rng(seed, f"coco-{split}", idx, "scene"), WIDTH, HEIGHT)
 
 
-def _coco_item(root: Path, seed: int, split: str, idx: int, questions: tuple[int, int]) -> dict:
+def _coco_item(root: Path, seed: int, split: str, idx: int, per_image: tuple[int, int]) -> dict:
     image_id = COCO_ID_BASE[split] + idx
     stream = f"coco-{split}"
     scene = coco_scene(seed, split, idx)
     file_name = f"COCO_{split}2014_{image_id:012d}.jpg"
     save_jpeg(render(scene), root / "images" / f"{split}2014" / file_name)
     captions = make_captions(scene, _rng(seed, stream, idx, "captions"), CAPTIONS_PER_IMAGE)
-    qas = make_questions(scene, _rng(seed, stream, idx, "questions"), *questions)
+    qas = make_questions(scene, _rng(seed, stream, idx, "questions"), *per_image)
     arng = _rng(seed, stream, idx, "answers")
     questions, annotations = [], []
     for k, qa in enumerate(qas):
@@ -292,8 +292,8 @@ def _generate_files(root: Path, size: str, spec: WorldSize, seed: int,
     counts: dict[str, int] = {}
     for split, n in (("train", spec.coco_train), ("val", spec.coco_val)):
         (root / "images" / f"{split}2014").mkdir(parents=True, exist_ok=True)
-        questions = spec.train_questions if split == "train" else (4, 8)
-        items = map_items(partial(_coco_item, root, seed, split, questions=questions), n)
+        per_image = spec.train_questions if split == "train" else (4, 8)
+        items = map_items(partial(_coco_item, root, seed, split, per_image=per_image), n)
         _write_coco(root, split, items, counts)
 
     (root / "flickr30k_images").mkdir(parents=True, exist_ok=True)
