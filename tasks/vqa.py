@@ -1,12 +1,15 @@
 """VQA v2 transfer of a CLIP backbone (CLIP-ViL's "direct fine-tuning" setting), through Accelerate.
 
 With no arguments it prepares the Shapes world (if needed), extracts the packaged small CLIP's grid
-features into a cached feature store, trains a small MCAN head, scores it on val with the official
-VQA metric and prints it next to the answer prior (most frequent train answer per question type):
+features into a cached feature store, trains the word-to-region head (`scan`: each question word
+attends over the cells, fused element-wise) for 2 epochs of batch 64, scores it on val with the
+official VQA metric and prints it next to the answer prior (most frequent train answer per
+question type):
 
     accelerate launch tasks/vqa.py
     python tasks/vqa.py                                            # the same, one process
     accelerate launch --multi_gpu --num_processes 2 tasks/vqa.py --cpu --set train.num_threads=1
+    accelerate launch tasks/vqa.py --set model.arch=mcan                         # or vlbert
     accelerate launch tasks/vqa.py --config configs/tasks/vqa_topdown.yaml       # BUTD top-down
     accelerate launch tasks/vqa.py --config configs/tasks/vqa_bottomup.yaml      # BUTD regions
     accelerate launch tasks/vqa.py --config configs/tasks/vqa_end2end_lora.yaml  # pixels + LoRA

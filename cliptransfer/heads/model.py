@@ -28,8 +28,8 @@ __all__ = ["HeadConfig", "VLModel", "build_head", "shapes_head"]
 @dataclass
 class HeadConfig:
     """`model` of a task config. The task configs (VQA, SNLI-VE) start from `shapes_head()`, the
-    small MCAN below; the per-head sections' own defaults are what a YAML gets for a field it
-    leaves out."""
+    word-to-region head with a small MCAN beside it; the per-head sections' own defaults are
+    what a YAML gets for a field it leaves out."""
 
     arch: str = "mcan"  # a registered head (cliptransfer.heads.registry): mcan, topdown, ...
     spatial: bool = True  # feed the normalised box of each cell/region
@@ -42,9 +42,11 @@ class HeadConfig:
 
 
 def shapes_head() -> HeadConfig:
-    """The task scripts' default head: a small MCAN (hidden 64), sized for the Shapes world on two
-    CPU cores (tuned on `small`: 6 VQA epochs in a few minutes). Real data: see configs/tasks/."""
-    return HeadConfig(arch="mcan", mcan=MCANConfig(hidden=64, ffn=128, flat_mlp=64, flat_out=128))
+    """The task scripts' default head: the word-to-region head (`scan`), sized for the Shapes
+    world on two CPU cores. MCAN (`--set model.arch=mcan`) is sized small too (hidden 64): on
+    the Shapes questions and hypotheses it leaves VQA yes/no at the answer prior and SNLI-VE
+    entailment vs contradiction at chance (README). Real data: see configs/tasks/."""
+    return HeadConfig(arch="scan", mcan=MCANConfig(hidden=64, ffn=128, flat_mlp=64, flat_out=128))
 
 
 def build_head(

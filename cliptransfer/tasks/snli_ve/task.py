@@ -17,7 +17,7 @@ from cliptransfer.config import ConfigError, load_config
 from cliptransfer.engine.config import TrainConfig
 from cliptransfer.engine.optim import OptimConfig
 from cliptransfer.engine.task import CompareColumns, EvaluateCommand, register_task
-from cliptransfer.heads.model import HeadConfig, VLModel, shapes_head
+from cliptransfer.heads.model import VLModel
 from cliptransfer.heads.question import QuestionConfig, build_question_tokenizer
 from cliptransfer.tasks.common import VLDataConfig, VLTask, VLTaskConfig, markdown_table
 from cliptransfer.tasks.snli_ve.data import (
@@ -65,9 +65,6 @@ class VEConfig(VLTaskConfig):
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(out_dir="runs/snli_ve", epochs=8, batch_size=64)
     )
-    # The word-to-region head: MCAN (the shapes default, `--set model.arch=mcan`) leaves
-    # entailment vs contradiction at chance on the Shapes hypotheses (README).
-    model: HeadConfig = field(default_factory=lambda: replace(shapes_head(), arch="scan"))
 
 
 def _data_files(d: DataConfig, world: Path | None) -> DataConfig:

@@ -16,7 +16,7 @@ from cliptransfer.config import ConfigError, load_config
 from cliptransfer.engine.config import TrainConfig
 from cliptransfer.engine.optim import OptimConfig
 from cliptransfer.engine.task import CompareColumns, EvaluateCommand, register_task
-from cliptransfer.heads.model import HeadConfig, VLModel, shapes_head
+from cliptransfer.heads.model import VLModel
 from cliptransfer.heads.question import build_question_tokenizer
 from cliptransfer.tasks.common import VLDataConfig, VLTask, VLTaskConfig, markdown_table
 from cliptransfer.tasks.vl_model import load_best_model, read_meta, task_model
@@ -75,9 +75,6 @@ class VQAConfig(VLTaskConfig):
         default_factory=lambda: TrainConfig(out_dir="runs/vqa", epochs=2, batch_size=64)
     )
     eval: EvalConfig = field(default_factory=EvalConfig)
-    # The word-to-region head: with MCAN (`--set model.arch=mcan`) yes/no stays at the answer
-    # prior on the Shapes questions (README, "The default VQA run").
-    model: HeadConfig = field(default_factory=lambda: replace(shapes_head(), arch="scan"))
 
 
 def soft_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

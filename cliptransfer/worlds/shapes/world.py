@@ -38,6 +38,7 @@ GENERATOR_VERSION = 2
 _STREAM_VERSION = 1
 WIDTH, HEIGHT = 160, 120  # 4:3 like COCO
 CAPTIONS_PER_IMAGE = 5
+QUESTIONS_PER_IMAGE = (4, 8)  # (lo, hi), near VQA v2's 5.4 per image
 HYPOTHESES_PER_LABEL = 3  # one premise per triple (e, n, c), as in SNLI
 COCO_ID_BASE = {"train": 100_000, "val": 500_000}
 FLICKR_ID_BASE = {"train": 1_000_000_000, "dev": 1_010_000_000, "test": 1_020_000_000}
@@ -54,10 +55,10 @@ class WorldSize:
     flickr_dev: int
     flickr_test: int
     classify: int
-    # Questions per train image (lo, hi); val images always get 4-8. `small` is question-dense
-    # so that VQA's yes/no questions are learned within the default run's few minutes: with 4-8
-    # they stayed at the answer prior (README, "The default VQA run").
-    train_questions: tuple[int, int] = (4, 8)
+    # Questions per train image (lo, hi); val images always get QUESTIONS_PER_IMAGE. `small` is
+    # question-dense so that VQA's yes/no questions are learned within the default run's few
+    # minutes: with 4-8 they stayed at the answer prior (README, "The default VQA run").
+    train_questions: tuple[int, int] = QUESTIONS_PER_IMAGE
 
 
 SIZES: dict[str, WorldSize] = {
@@ -284,16 +285,16 @@ def _map_items(pool: ProcessPoolExecutor | None, make: Callable[[int], dict], n:
 
 def _generate(root: Path, size: str, spec: WorldSize, seed: int) -> None:
     with _workers() as pool:
-        _generate_files(root, size, spec, seed, partial(_map_items, pool))
+        _generate_files(root, size, spec, seed, pool)
 
 
 def _generate_files(root: Path, size: str, spec: WorldSize, seed: int,
-                    map_items: Callable[[Callable[[int], dict], int], list[dict]]) -> None:  # fmt: skip
+                    pool: ProcessPoolExecutor | None) -> None:  # fmt: skip
     counts: dict[str, int] = {}
     for split, n in (("train", spec.coco_train), ("val", spec.coco_val)):
         (root / "images" / f"{split}2014").mkdir(parents=True, exist_ok=True)
-        per_image = spec.train_questions if split == "train" else (4, 8)
-        items = map_items(partial(_coco_item, root, seed, split, per_image=per_image), n)
+        per_image = spec.train_questions if split == "train" else QUESTIONS_PER_IMAGE
+        items = _map_items(pool, partial(_coco_item, root, seed, split, per_image=per_image), n)
         _write_coco(root, split, items, counts)
 
     (root / "flickr30k_images").mkdir(parents=True, exist_ok=True)
@@ -303,7 +304,7 @@ def _generate_files(root: Path, size: str, spec: WorldSize, seed: int,
         ("dev", spec.flickr_dev),
         ("test", spec.flickr_test),
     ):
-        items = map_items(partial(_flickr_item, root, seed, split), n)
+        items = _map_items(pool, partial(_flickr_item, root, seed, split), n)
         rel = f"snli_ve/snli_ve_{split}.jsonl"
         counts[rel] = formats.write_jsonl(root / rel, (r for it in items for r in it["snli"]))
         flickr_images += [it["objects"] for it in items]
@@ -311,7 +312,7 @@ def _generate_files(root: Path, size: str, spec: WorldSize, seed: int,
     _write_objects(root, "objects/flickr30k.json", flickr_images, counts)
 
     (root / "classify" / "images").mkdir(parents=True, exist_ok=True)
-    rows = map_items(partial(_classify_item, root, seed), spec.classify)
+    rows = _map_items(pool, partial(_classify_item, root, seed), spec.classify)
     counts["classify/val.jsonl"] = formats.write_jsonl(root / "classify/val.jsonl", rows)
     formats.write_json(
         root / "classify/classes.json", {"shape": list(SHAPES), "color": list(COLORS)}
