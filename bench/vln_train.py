@@ -43,8 +43,10 @@ from machine import count_flops, cpu_features, gemm_rates, load_average
 from cliptransfer import malloc
 from cliptransfer.nav import NavEnv, NavTables, load_graphs, load_r2r
 from cliptransfer.tasks.vln.agent import Follower, FollowerConfig
+from cliptransfer.tasks.vln.config import RLConfig
 from cliptransfer.tasks.vln.data import FEATURE_DTYPES, train_tokenizer
-from cliptransfer.tasks.vln.rollout import encode_instructions, rollout
+from cliptransfer.tasks.vln.lanes import run_rollouts
+from cliptransfer.tasks.vln.rollout import encode_instructions, imitation_and_a2c
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,6 +57,9 @@ def main() -> None:
     )
     ap.add_argument("--r2r", type=Path, default=REPO.parent / "shared" / "data" / "r2r")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rollout-threads", type=int, default=0,
+                    help="threads running the two rollouts side by side (tasks/vln.py's "
+                         "rollout_threads; 0: --threads)")  # fmt: skip
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--dim", type=int, default=512)
@@ -88,17 +93,20 @@ def main() -> None:
     # Training needs only the tables: the graphs' all-pairs caches (~170 MB of dicts) go.
     tables = NavTables.build(load_graphs(args.r2r / "connectivity", scans))
     malloc.trim()  # as tasks/vln.py after its table build
+    malloc.single_arena()
     # Drawn in the table's dtype: a float32 source would be a 593 MB transient (kept by jemalloc).
     features = torch.randn(len(tables), 36, args.dim, dtype=FEATURE_DTYPES[args.feature_dtype])
     env = NavEnv(tables, features, max_steps=args.max_steps)
     with tempfile.TemporaryDirectory() as tmp:
         tok = train_tokenizer([e.instruction for e in train], Path(tmp) / "tok", 1000)
     cfg = FollowerConfig(recompute_views=args.recompute_views)
+    threads = args.rollout_threads or args.threads
     agent = Follower(cfg, tok.vocab_size, args.dim, tables.view_angles.shape[-1])
     opt = torch.optim.RMSprop(agent.parameters(), lr=1e-4)
     print(f"{len(scans)} scans, {len(tables)} viewpoints, {len(train)} training instructions, "
           f"batch {args.batch}, D={args.dim}, max {args.max_steps} actions, {args.precision}, "
-          f"{args.feature_dtype} view table, malloc {args.malloc}, recompute views "
+          f"{args.feature_dtype} view table, rollouts on {min(threads, 2)} thread(s), malloc "
+          f"{args.malloc}, recompute views "
           f"{args.recompute_views}, ended episodes {'computed' if args.no_compact else 'dropped'}; "
           f"follower "
           f"{sum(p.numel() for p in agent.parameters()):,} parameters\n")  # fmt: skip
@@ -106,21 +114,20 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     compact, computed_rows = not args.no_compact, []  # episode decisions per iteration
 
-    def iteration() -> int:
+    def iteration(threads: int = threads) -> int:
         idx = torch.randperm(len(train), generator=gen)[: args.batch].tolist()
         eps = [train[i] for i in idx]
         tokens, lengths = encode_instructions(tok, eps, 80)
+        rollouts = imitation_and_a2c(agent, eps, tokens, lengths, RLConfig(), 0.2,
+                                     compact=compact)  # fmt: skip
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            il = rollout(agent, env, eps, tokens, lengths, feedback="teacher", ml_weight=0.2,
-                         compact=compact)  # fmt: skip
-            rl = rollout(agent, env, eps, tokens, lengths, feedback="sample", rl=True,
-                         compact=compact)  # fmt: skip
+            losses, outs = run_rollouts(rollouts, env, list(agent.parameters()), threads)
         opt.zero_grad(set_to_none=True)
-        (il["loss"] + rl["loss"]).backward()
+        losses.sum().backward()
         torch.nn.utils.clip_grad_norm_(agent.parameters(), 40.0)
         opt.step()
-        computed_rows.append(il["rows"] + rl["rows"])
-        return il["steps"] + rl["steps"]
+        computed_rows.append(sum(o["rows"] for o in outs))
+        return sum(o["steps"] for o in outs)
 
     # Two warm-up iterations (the heap grows to its working size over the first two: page
     # faults that later iterations do not pay).
@@ -138,7 +145,8 @@ def main() -> None:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     rows_per_step = sum(computed_rows) / steps
     # After the peak is read: the FLOP counter's imports are not the training's memory.
-    counted_steps, flops = count_flops(iteration)
+    # On one thread: the FLOP counter (a dispatch mode) sees only its own thread's ops.
+    counted_steps, flops = count_flops(lambda: iteration(1))
     dtype = "fp32" if args.precision == "fp32" else "bf16"
     rate = gemm_rates(dtypes=(dtype,))[dtype]
     ms = 1000 * seconds / steps

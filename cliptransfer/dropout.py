@@ -7,33 +7,62 @@ draw from torch's generator seeds numpy's SFC64, whose raw 64-bit words give two
 uniforms each, compared in numpy: ~4x less time for the same distribution (keep with
 probability 1 - p to 2^-32, kept values scaled by 1 / (1 - p)). Runs stay deterministic and
 resumable: everything follows from torch's RNG state. On other devices torch draws the mask.
+
+`local_generator` gives the calling thread its own generator for these draws: work run on
+several threads at once (the follower's rollouts) then draws the same numbers on any thread.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["Dropout", "draw_seed", "dropout", "dropout_mask"]
+__all__ = ["Dropout", "current_generator", "draw_seed", "dropout", "dropout_mask",
+           "local_generator"]  # fmt: skip
+
+_local = threading.local()
+
+
+@contextmanager
+def local_generator(generator: torch.Generator) -> Iterator[torch.Generator]:
+    """Within the block, this thread's masks and `draw_seed` draw from `generator` (a CPU
+    generator) instead of torch's default one."""
+    previous = getattr(_local, "generator", None)
+    _local.generator = generator
+    try:
+        yield generator
+    finally:
+        _local.generator = previous
+
+
+def current_generator() -> torch.Generator | None:
+    """The calling thread's `local_generator`, or None (torch's default generator)."""
+    return getattr(_local, "generator", None)
 
 
 def draw_seed() -> int:
-    """One draw from torch's default generator, to seed a mask (`dropout_mask(seed=...)`)."""
-    return int(torch.randint(0, 2**63 - 1, ()))
+    """One draw from the thread's generator (`local_generator`, else torch's default one), to
+    seed a mask (`dropout_mask(seed=...)`)."""
+    return int(torch.randint(0, 2**63 - 1, (), generator=current_generator()))
 
 
 def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, seed: int | None = None) -> torch.Tensor:  # fmt: skip
     """A dropout mask of `shape`: 1 / (1 - p) with probability 1 - p, else 0. `seed` (from
     `draw_seed`) makes the mask a function of it, to rebuild it later (a recomputed forward);
-    without, it is drawn from torch's default generator."""
+    without, it is drawn from the thread's generator (`local_generator`, else torch's)."""
     if not 0 <= p < 1:
         raise ValueError(f"dropout probability {p}: must be in [0, 1)")
     device = torch.device(device)
     if device.type != "cpu":
+        if seed is None and current_generator() is not None:
+            seed = draw_seed()
         gen = None if seed is None else torch.Generator(device).manual_seed(seed)
         return (torch.rand(shape, device=device, generator=gen) >= p).to(dtype) / (1.0 - p)
     n = math.prod(shape)

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cliptransfer.dropout import Dropout, draw_seed, dropout, dropout_mask
 from cliptransfer.tasks.vln.agent import _pad_packed
 from cliptransfer.tasks.vln.attention import FixedContext, SoftDotAttention, VisualContext
 from cliptransfer.tasks.vln.encoder import packed_bilstm
+from cliptransfer.tasks.vln.step_linear import StepLinear, lstm_cell
 
 
 def test_encoder_padding_equals_torchs_pad_packed_sequence():
@@ -152,3 +154,54 @@ def test_dropout_mask_law_seed_and_rng_use():
     y = layer.train()(x)
     assert set(y.unique().tolist()) == {0.0, 2.0} and abs(float(y.mean()) - 1.0) < 0.01
     assert Dropout(0.5).state_dict() == nn.Dropout(0.5).state_dict() == {}
+
+
+def test_step_linear_equals_f_linear_over_steps_of_changing_rows():
+    # The weight's gradient is formed once from every step's stashed input and output
+    # gradient: same values, same gradients (input, weight through a computed tensor, bias)
+    # as F.linear applied step by step, rows shrinking as a compacting rollout's do.
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 4, generator=gen, dtype=torch.double, requires_grad=True)
+    b = torch.randn(6, 3, generator=gen, dtype=torch.double, requires_grad=True)
+    bias = torch.randn(6, generator=gen, dtype=torch.double, requires_grad=True)
+    xs = [torch.randn(n, 7, generator=gen, dtype=torch.double, requires_grad=True)
+          for n in (5, 5, 3, 1)]  # fmt: skip
+    outs = [torch.randn(n, 6, generator=gen, dtype=torch.double) for n in (5, 5, 3, 1)]
+
+    def run(deferred: bool):
+        weight = torch.cat([a, b], 1)  # (6, 7), as the LSTM's W_ih | W_hh
+        layer = StepLinear(weight, bias) if deferred else None
+        loss = 0.0
+        for x, w in zip(xs, outs):
+            y = layer(x) if deferred else F.linear(x, weight, bias)
+            loss = loss + (y.tanh() * w).sum()
+        return loss, torch.autograd.grad(loss, [a, b, bias, *xs])
+
+    ref_loss, ref_grads = run(False)
+    loss, grads = run(True)
+    torch.testing.assert_close(loss, ref_loss)
+    for mine, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(mine, ref)
+    with torch.no_grad():  # evaluation: plain F.linear, no deferred node
+        assert torch.equal(StepLinear(a, None)(xs[0][:, :4]), F.linear(xs[0][:, :4], a))
+
+
+def test_lstm_cell_from_summed_gates_equals_nn_lstm_cell():
+    # One product over [x ; h] with (W_ih | W_hh) and b_ih + b_hh, then lstm_cell: nn.LSTMCell's
+    # values and gradients.
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    cell = nn.LSTMCell(5, 4).double()
+    x = torch.randn(3, 5, generator=gen, dtype=torch.double, requires_grad=True)
+    h = torch.randn(3, 4, generator=gen, dtype=torch.double, requires_grad=True)
+    c = torch.randn(3, 4, generator=gen, dtype=torch.double, requires_grad=True)
+    ref = cell(x, (h, c))
+    gates = StepLinear(torch.cat([cell.weight_ih, cell.weight_hh], 1),
+                       cell.bias_ih + cell.bias_hh)(torch.cat([x, h], 1))  # fmt: skip
+    mine = lstm_cell(gates, c)
+    for m, r in zip(mine, ref):
+        torch.testing.assert_close(m, r)
+    wrt = [x, h, c, *cell.parameters()]
+    for m, r in zip(torch.autograd.grad(sum(t.sum() * k for k, t in enumerate(mine, 1)), wrt),
+                    torch.autograd.grad(sum(t.sum() * k for k, t in enumerate(ref, 1)), wrt)):  # fmt: skip
+        torch.testing.assert_close(m, r)

@@ -17,9 +17,12 @@ from cliptransfer.defaults import HOUSES_SPEAKER
 from cliptransfer.engine import run_task
 from cliptransfer.fileio import read_json
 from cliptransfer.nav import NavEnv, NavTables, load_graphs, load_r2r
+from cliptransfer.tasks.vln import rollout as rollout_module
 from cliptransfer.tasks.vln.agent import Follower, FollowerConfig
-from cliptransfer.tasks.vln.rollout import forward_walk, rollout
-from cliptransfer.tasks.vln.task import VLNConfig, VLNTask
+from cliptransfer.tasks.vln.config import RLConfig
+from cliptransfer.tasks.vln.lanes import Rollout, run_rollouts
+from cliptransfer.tasks.vln.rollout import forward_walk, imitation_and_a2c, rollout
+from cliptransfer.tasks.vln.task import VLNConfig, VLNModel, VLNTask
 from cliptransfer.worlds.houses import prepare_houses
 
 SMALL = ["--set", "agent.hidden=32", "--set", "agent.word_embed=16", "--set",
@@ -157,10 +160,10 @@ def test_rollout_that_stops_computing_ended_episodes_equals_the_whole_batch(worl
     # deterministic (the sampler's draws follow the rows too), so both runs take the same paths.
     eps, _, env = world
 
-    def least_likely(self, shape=()):  # row-wise, and stops some episodes early
-        return self.logits.masked_fill(self.logits.isinf(), math.inf).argmin(-1)
+    def least_likely(probs):  # row-wise, and stops some episodes early
+        return probs.masked_fill(probs == 0, math.inf).argmin(-1)
 
-    monkeypatch.setattr(torch.distributions.Categorical, "sample", least_likely)
+    monkeypatch.setattr(rollout_module, "sample_actions", least_likely)
     agent = _agent(env).eval()
     tokens, lengths = _tokens(12)
     d = env.features.shape[-1]
@@ -410,3 +413,53 @@ def test_packaged_speaker_describes_house_paths_and_is_the_bt_default(houses, tm
                                 "--set", "train.max_steps=1",
                                 "--set", f"train.out_dir={tmp_path / 'bt'}"])  # fmt: skip
     assert set(report["baselines"]) == {"random", "forward", "no_vision"}
+
+
+def test_rollouts_on_two_threads_equal_one_thread(world, monkeypatch):
+    # tasks.vln.lanes: a step's rollouts (imitation + A2C of the agent and of its no-vision
+    # twin, dropout on, actions sampled) on 2 threads give the same losses, terms, gradients
+    # and RNG state afterwards as on 1, bit for bit (one intra-op thread per op in both).
+    eps, _, env = world
+    model = VLNModel(_agent(env).train(), _agent(env).train())
+    tokens, lengths = _tokens(8)
+    lanes_used = []
+    lane = NavEnv.lane
+    monkeypatch.setattr(NavEnv, "lane", lambda self, k: lanes_used.append(k) or lane(self, k))
+    previous, runs = torch.get_num_threads(), []
+    torch.set_num_threads(1)
+    try:
+        for threads in (1, 2):
+            model.rollout_threads = threads
+            torch.manual_seed(5)
+            model.zero_grad()
+            loss, terms = model.walk(env, eps[:8], tokens, lengths, RLConfig(), 0.5)
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            runs.append((loss.detach(), terms, grads, torch.rand(1)))
+        assert torch.get_num_threads() == 1  # restored after the threaded part
+    finally:
+        torch.set_num_threads(previous)
+    (loss_1, terms_1, grads_1, rng_1), (loss_2, terms_2, grads_2, rng_2) = runs
+    assert 1 in lanes_used  # the second run did use a second thread's environment
+    assert torch.equal(loss_1, loss_2) and torch.equal(rng_1, rng_2)
+    assert terms_1.keys() == terms_2.keys() == {"ml_loss", "rl_loss", "blind_ml_loss",
+                                                "blind_rl_loss"}  # fmt: skip
+    for k, v in terms_1.items():
+        assert torch.equal(v, terms_2[k]), k
+    assert grads_1.keys() == grads_2.keys() and "blind.critic.0.weight" in grads_1
+    for name, grad in grads_1.items():
+        assert torch.equal(grad, grads_2[name]), name
+
+
+def test_a_failing_rollout_on_a_helper_thread_raises_on_the_caller(world):
+    eps, _, env = world
+    agent = _agent(env).train()
+
+    def fails(env):
+        raise ValueError("rollout failed on purpose")
+
+    ok = imitation_and_a2c(agent, eps[:2], *_tokens(2), RLConfig(), 1.0)
+    previous = torch.get_num_threads()
+    with pytest.raises(ValueError, match="on purpose"):
+        run_rollouts([*ok, Rollout(fails, first=True)], env, list(agent.parameters()), 2)
+    assert torch.get_num_threads() == previous

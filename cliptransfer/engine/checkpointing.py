@@ -40,7 +40,7 @@ __all__ = [
 # many CPU threads it uses. Everything else must match the checkpoint's config.
 IGNORED_ON_RESUME = (
     "resume", "max_steps", "out_dir", "log_every", "save_every_steps", "save_every_minutes",
-    "keep_last", "num_threads", "num_workers", "eval_batch_size",
+    "keep_last", "num_threads", "num_workers", "eval_batch_size", "rollout_threads",
 )  # fmt: skip
 
 

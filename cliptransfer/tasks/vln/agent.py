@@ -22,8 +22,9 @@ from cliptransfer.config import ConfigError, check_range
 from cliptransfer.dropout import Dropout, draw_seed, dropout_mask
 from cliptransfer.tasks.vln.attention import FixedContext, SoftDotAttention, VisualContext
 from cliptransfer.tasks.vln.encoder import packed_bilstm
+from cliptransfer.tasks.vln.step_linear import StepLinear, lstm_cell
 
-__all__ = ["Follower", "FollowerConfig"]
+__all__ = ["DecoderWeights", "Follower", "FollowerConfig"]
 
 
 @dataclass
@@ -65,6 +66,19 @@ def _pad_packed(packed: nn.utils.rnn.PackedSequence, lengths: torch.Tensor, tota
     rows = torch.where(valid, rows, zero_row)  # padding reads an appended zero row
     data = nn.functional.pad(packed.data, (0, 0, 0, 1))
     return data.index_select(0, rows.reshape(-1)).view(len(lengths), total, -1)
+
+
+@dataclass
+class DecoderWeights:
+    """The decoder's linear layers for one rollout (`Follower.decoder_weights`): applied at
+    every step, each weight's gradient is formed once per backward (`StepLinear`)."""
+
+    angle: StepLinear  # previous action's angle feature -> its embedding
+    view_query: StepLinear  # h -> the query over the 36 views
+    gates: StepLinear  # [action ; attended view ; h] -> the LSTM's gates (W_ih | W_hh)
+    text_query: StepLinear  # h1 -> the query over the instruction
+    text_out: StepLinear  # [attended text ; h1] -> h_tilde
+    cand_query: StepLinear  # h_tilde -> the query over the candidates
 
 
 class Follower(nn.Module):
@@ -129,11 +143,26 @@ class Follower(nn.Module):
             return VisualContext(features * mask, angles, d)
         return VisualContext(features, angles, d)
 
+    def decoder_weights(self) -> DecoderWeights:
+        """The decoder's layers for one rollout: pass the result to every `step` of it. The LSTM
+        cell's two products become one over [input ; h] (W_ih | W_hh, b_ih + b_hh)."""
+        lstm = self.lstm
+        return DecoderWeights(
+            angle=StepLinear(self.angle_embedding.weight, self.angle_embedding.bias),
+            view_query=StepLinear(self.feat_att.linear_in.weight),
+            gates=StepLinear(
+                torch.cat([lstm.weight_ih, lstm.weight_hh], 1), lstm.bias_ih + lstm.bias_hh
+            ),  # fmt: skip
+            text_query=StepLinear(self.text_att.linear_in.weight),
+            text_out=StepLinear(self.text_out.weight),
+            cand_query=StepLinear(self.cand_att.linear_in.weight),
+        )
+
     def _attend_views(self, query: torch.Tensor, ob, mask_seed: int | None,
                       env_mask: torch.Tensor | None, zero_vision: bool,
                       view_table: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-        """Soft attention of `query` (B, H) over the 36 [view feature ; angle] vectors ->
-        (B, D + A).
+        """Soft attention of the projected `query` (B, D + A) over the 36 [view feature ; angle]
+        vectors -> (B, D + A).
 
         With `recompute_views`, when gradients are recorded and `view_table` (the environment's
         (N, 36, D) feature table) is given, backward gathers the views from the table again
@@ -147,7 +176,7 @@ class Follower(nn.Module):
             if views is None and not zero_vision:  # NavEnv's observation, gathered again
                 views = view_table.index_select(0, viewpoint).float()
             visual = self._visual(views, angles, env_mask, mask_seed, zero_vision)
-            return self.feat_att.attend_visual(q, visual)
+            return visual.weighted(torch.softmax(visual.logits(q), dim=1))
 
         if not self.cfg.recompute_views or view_table is None or not torch.is_grad_enabled():
             return attend(query, ob.views)
@@ -156,26 +185,29 @@ class Follower(nn.Module):
 
     def step(self, ob, prev_angle: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor],
              text: FixedContext, env_mask: torch.Tensor | None = None,
-             zero_vision: bool = False, view_table: torch.Tensor | None = None):  # fmt: skip
+             zero_vision: bool = False, view_table: torch.Tensor | None = None,
+             weights: DecoderWeights | None = None):  # fmt: skip
         """One decision as EnvDrop's AttnDecoderLSTM: the recurrent state is (h_tilde, c) of
         the last step (EnvDrop feeds h_tilde back as the LSTM's h). Returns (logits (B, K + 1),
         STOP at index cand_count, masked; the new state; h1 (B, H), the critic's input).
         `prev_angle` (B, A): the last action's angle feature (zeros at the start); `view_table`:
         the environment's feature table, to gather the views again in backward (see
-        `_attend_views`) rather than keep them."""
+        `_attend_views`) rather than keep them; `weights`: the rollout's `decoder_weights()`
+        (built for this step alone when not given)."""
+        w = self.decoder_weights() if weights is None else weights
         # The random draws in EnvDrop's order: the views' and the candidates' feature dropout
         # (one seed each), then the action embedding's and the hidden state's dropout.
         view_seed, cand_seed = self._mask_seed(env_mask), self._mask_seed(env_mask)
         cands = self._visual(ob.cand_views, ob.cand_angles, env_mask, cand_seed, zero_vision)
         h_prev, c = state
-        action = self.drop(torch.tanh(self.angle_embedding(prev_angle)))  # (B, 64)
-        attended = self._attend_views(self.drop(h_prev), ob, view_seed, env_mask, zero_vision,
-                                      view_table)  # (B, D + A)  # fmt: skip
-        h1, c1 = self.lstm(torch.cat([action, attended], -1), (h_prev, c))
+        action = self.drop(torch.tanh(w.angle(prev_angle)))  # (B, 64)
+        attended = self._attend_views(w.view_query(self.drop(h_prev)), ob, view_seed, env_mask,
+                                      zero_vision, view_table)  # (B, D + A)  # fmt: skip
+        h1, c1 = lstm_cell(w.gates(torch.cat([action, attended, h_prev], -1)), c)
         h1_drop = self.drop(h1)
-        attended_text = self.text_att.attend_fixed(h1_drop, text)  # (B, H)
-        h_tilde = torch.tanh(self.text_out(torch.cat([attended_text, h1_drop], -1)))
-        logit = self.cand_att.visual_logits(self.drop(h_tilde), cands)  # (B, K)
+        attended_text = text.attend(w.text_query(h1_drop))  # (B, H)
+        h_tilde = torch.tanh(w.text_out(torch.cat([attended_text, h1_drop], -1)))
+        logit = cands.logits(w.cand_query(self.drop(h_tilde)))  # (B, K)
         logit = logit.masked_fill(~ob.cand_mask, float("-inf"))
         # STOP: a zero candidate right after the real ones -> logit 0 at index cand_count.
         full = torch.nn.functional.pad(logit, (0, 1), value=float("-inf"))

@@ -58,6 +58,10 @@ class VLNConfig(RunConfig):
     encoder: str = "clip"
     max_steps: int = 15  # decisions per episode (EnvDrop's maxAction)
     no_vision: bool = True  # also train the same agent on zeroed visual features (a baseline)
+    # Threads that run a training step's rollouts side by side, one intra-op thread each
+    # (tasks.vln.lanes; same losses and gradients on any number). 0: the process's CPU threads
+    # (train.num_threads), 1 on a GPU.
+    rollout_threads: int = 0
     # "follower" (IL + A2C), "speaker" (instructions from paths; best by val_unseen BLEU) or
     # "bt" (the follower on real + speaker-instructed augmented paths, environmental dropout).
     stage: str = "bt"
@@ -82,6 +86,7 @@ class VLNConfig(RunConfig):
 
     def __post_init__(self) -> None:
         check_range("max_steps", self.max_steps, gt=0)
+        check_range("rollout_threads", self.rollout_threads, ge=0)
         if self.encoder not in ("clip", "supervised", "symbolic"):
             raise ConfigError(f"encoder: 'clip', 'supervised' or 'symbolic', got {self.encoder!r}")
         if self.stage not in ("follower", "speaker", "bt"):

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from cliptransfer.tasks.vln.step_linear import StepLinear, lstm_cell
+
 __all__ = ["packed_bilstm"]
 
 
@@ -27,7 +29,7 @@ def _direction(data: torch.Tensor, sizes: list[int], weights: list[torch.Tensor]
     w_ih, w_hh, b_ih, b_hh = weights
     hidden = w_hh.shape[1]
     gates_in = torch.addmm(b_ih + b_hh, data, w_ih.t()).split(sizes)  # T x (B_t, 4H)
-    w_hh_t = w_hh.t()
+    recurrent = StepLinear(w_hh)  # its gradient formed once over all steps, not once per step
     outs: list[torch.Tensor | None] = [None] * len(sizes)
     done: list[tuple[torch.Tensor, torch.Tensor]] = []  # forward: sequences as they end
     # A zero initial state, as nn.LSTM's (its product keeps w_hh in the graph for 1-step batches).
@@ -40,10 +42,7 @@ def _direction(data: torch.Tensor, sizes: list[int], weights: list[torch.Tensor]
         elif size < len(h):  # forward: the longest sequences come first, the tail rows end
             done.append((h[size:], c[size:]))
             h, c = h[:size], c[:size]
-        gates = gates_in[t] + h @ w_hh_t
-        i, f, g, o = gates.chunk(4, 1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
+        h, c = lstm_cell(gates_in[t] + recurrent(h), c)
         outs[t] = h
     if reverse:
         return torch.cat(outs), h, c

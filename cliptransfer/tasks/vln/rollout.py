@@ -22,10 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cliptransfer.dropout import current_generator
 from cliptransfer.nav.env import IGNORE_ACTION, NavEnv, NavObservation
 from cliptransfer.nav.episodes import Episode
+from cliptransfer.tasks.vln.lanes import Rollout
 
-__all__ = ["encode_instructions", "forward_walk", "imitation_and_a2c", "pad_token_rows", "rollout"]
+__all__ = ["encode_instructions", "forward_walk", "imitation_and_a2c", "pad_token_rows", "rollout",
+           "sample_actions"]  # fmt: skip
 
 SUCCESS_REWARD = 2.0
 # A rollout stops computing ended episodes once the running ones are at most this share of the
@@ -52,26 +55,42 @@ def pad_token_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return tokens, torch.tensor([len(r) for r in rows])
 
 
-def imitation_and_a2c(agent, env: NavEnv, episodes: list[Episode], tokens: torch.Tensor,
+def imitation_and_a2c(agent, episodes: list[Episode], tokens: torch.Tensor,
                       lengths: torch.Tensor, rl, ml_weight: float, *, zero_vision: bool = False,
-                      env_mask: torch.Tensor | None = None) -> tuple[list[torch.Tensor], dict]:  # fmt: skip
-    """EnvDrop's `train(feedback="sample")` on one batch: the teacher-forced rollout weighted by
-    `ml_weight`, then (when `rl.feedback == "sample"`) the A2C rollout. Returns the losses in
-    that order (the caller sums them) and the logged terms `ml_loss` (per episode), `rl_loss`."""
-    il = rollout(agent, env, episodes, tokens, lengths, feedback="teacher", ml_weight=ml_weight,
-                 zero_vision=zero_vision, env_mask=env_mask)  # fmt: skip
-    losses, terms = [il["loss"]], {"ml_loss": il["ml_loss"] / len(episodes)}
-    if rl.feedback == "sample":
+                      env_mask: torch.Tensor | None = None,
+                      compact: bool = True) -> list[Rollout]:  # fmt: skip
+    """EnvDrop's `train(feedback="sample")` on one batch, as rollouts for `run_rollouts`: the
+    teacher-forced rollout weighted by `ml_weight`, then (when `rl.feedback == "sample"`) the
+    A2C rollout. Their outputs hold the logged terms `ml_loss` (per episode) and `rl_loss`,
+    and `steps` and `rows` (`rollout`'s)."""
+    kw = {"zero_vision": zero_vision, "env_mask": env_mask, "compact": compact}
+
+    def imitation(env: NavEnv) -> dict:
+        out = rollout(agent, env, episodes, tokens, lengths, feedback="teacher",
+                      ml_weight=ml_weight, **kw)  # fmt: skip
+        return {"loss": out["loss"], "ml_loss": out["ml_loss"] / len(episodes),
+                "steps": out["steps"], "rows": out["rows"]}  # fmt: skip
+
+    def a2c(env: NavEnv) -> dict:
         out = rollout(agent, env, episodes, tokens, lengths, feedback="sample", rl=True,
-                      gamma=rl.gamma, entropy_weight=rl.entropy, zero_vision=zero_vision,
-                      env_mask=env_mask)  # fmt: skip
-        losses.append(out["loss"])
-        terms["rl_loss"] = out["rl_loss"]
-    return losses, terms
+                      gamma=rl.gamma, entropy_weight=rl.entropy, **kw)  # fmt: skip
+        return {"loss": out["loss"], "rl_loss": out["rl_loss"], "steps": out["steps"],
+                "rows": out["rows"]}  # fmt: skip
+
+    if rl.feedback != "sample":
+        return [Rollout(imitation)]
+    return [Rollout(imitation), Rollout(a2c, first=True)]  # A2C walks longer: start it first
 
 
 def _to(ob: NavObservation, device: torch.device) -> NavObservation:
     return NavObservation(**{f.name: getattr(ob, f.name).to(device) for f in fields(ob)})
+
+
+def sample_actions(probs: torch.Tensor) -> torch.Tensor:
+    """One action per row of probs (B, K) -> (B,), drawn on the CPU from the thread's generator
+    (`dropout.local_generator`: rollouts on several threads, tasks.vln.lanes)."""
+    draw = torch.multinomial(probs.detach().cpu(), 1, True, generator=current_generator())
+    return draw.squeeze(1).to(probs.device)
 
 
 def rollout(model, env: NavEnv, episodes: list[Episode], tokens: torch.Tensor,
@@ -94,6 +113,7 @@ def rollout(model, env: NavEnv, episodes: list[Episode], tokens: torch.Tensor,
     device = tokens.device
     ob = env.reset(episodes)
     text, state = model.encode(tokens, lengths)
+    weights = model.decoder_weights()  # every step's layers, weight gradients formed once
     batch = len(episodes)
     rows = np.arange(batch)  # the episodes computed: every running one, maybe some ended
     rows_t = torch.arange(batch, device=device)
@@ -106,7 +126,7 @@ def rollout(model, env: NavEnv, episodes: list[Episode], tokens: torch.Tensor,
     while not env.done:
         dev_ob = _to(ob, device)
         logits, state, h1 = model.step(dev_ob, prev_angle, state, text, env_mask,
-                                       zero_vision, env.features)  # fmt: skip
+                                       zero_vision, env.features, weights)  # fmt: skip
         if ml_weight is not None:
             ml_loss = ml_loss + F.cross_entropy(logits, dev_ob.teacher, ignore_index=IGNORE_ACTION,
                                                 reduction="sum")  # fmt: skip
@@ -116,7 +136,7 @@ def rollout(model, env: NavEnv, episodes: list[Episode], tokens: torch.Tensor,
             action = logits.argmax(1)
         else:
             dist = torch.distributions.Categorical(logits=logits)
-            action = dist.sample()
+            action = sample_actions(dist.probs)
             log_probs.append(dist.log_prob(action))
             entropies.append(dist.entropy())
             values_in.append(h1)
@@ -159,7 +179,7 @@ def rollout(model, env: NavEnv, episodes: list[Episode], tokens: torch.Tensor,
     if rl:
         with torch.no_grad():  # the critic's value of the final state, for unfinished episodes
             _, _, h_last = model.step(_to(ob, device), prev_angle, state, text, env_mask,
-                                      zero_vision)  # fmt: skip
+                                      zero_vision, weights=weights)  # fmt: skip
             last_value = model.critic(h_last).squeeze(1)
         # Episodes no longer computed have stopped: their return starts at 0.
         ret = torch.zeros(batch, device=device).index_copy_(

@@ -33,6 +33,7 @@ from cliptransfer.tasks.vln.backtranslate import (
 )
 from cliptransfer.tasks.vln.config import RLConfig, VLNConfig
 from cliptransfer.tasks.vln.data import FEATURE_DTYPES, load_vln_data, train_tokenizer
+from cliptransfer.tasks.vln.lanes import run_rollouts
 from cliptransfer.tasks.vln.report import EVAL_SPLITS, report_text
 from cliptransfer.tasks.vln.rollout import encode_instructions, imitation_and_a2c
 from cliptransfer.tasks.vln.scoring import greedy_trajectories, score_split, walker_baselines
@@ -48,9 +49,9 @@ class VLNModel(nn.Module):
     """The follower and, optionally, its no-vision twin; `forward` runs the training rollouts
     of one batch (so that DDP sees one forward per step) and returns the loss terms."""
 
-    def __init__(self, agent: Follower, blind: Follower | None) -> None:
+    def __init__(self, agent: Follower, blind: Follower | None, rollout_threads: int = 0) -> None:
         super().__init__()
-        self.agent, self.blind = agent, blind
+        self.agent, self.blind, self.rollout_threads = agent, blind, rollout_threads
 
     def forward(self, env: NavEnv, episodes, tokens, lengths, rl: RLConfig,
                 env_mask: torch.Tensor | None = None) -> dict:  # fmt: skip
@@ -62,19 +63,29 @@ class VLNModel(nn.Module):
              env_mask: torch.Tensor | None = None, *, prefix: str = "",
              loss: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:  # fmt: skip
         """Imitation (+ A2C) rollouts of the agent, then of its twin (zeroed views, so no
-        `env_mask`), on one batch: their losses added to `loss` (zero when None) in that order,
-        and their terms named `prefix` + ("" | "blind_") + term."""
+        `env_mask`), on one batch, on `rollout_threads` threads (`lanes.run_rollouts`): their
+        losses added to `loss` (zero when None), and their terms named
+        `prefix` + ("" | "blind_") + term."""
         loss = torch.zeros((), device=tokens.device) if loss is None else loss
-        terms: dict[str, torch.Tensor] = {}
         agents = [("", self.agent, False)] + ([("blind_", self.blind, True)] if self.blind else [])
+        rollouts, names = [], []
         for name, agent, zero in agents:
-            losses, agent_terms = imitation_and_a2c(agent, env, episodes, tokens, lengths, rl,
-                                                    ml_weight, zero_vision=zero,
-                                                    env_mask=None if zero else env_mask)  # fmt: skip
-            for part in losses:
-                loss = loss + part
-            terms.update({prefix + name + k: v for k, v in agent_terms.items()})
-        return loss, terms
+            mine = imitation_and_a2c(agent, episodes, tokens, lengths, rl, ml_weight,
+                                     zero_vision=zero, env_mask=None if zero else env_mask)  # fmt: skip
+            rollouts += mine
+            names += [prefix + name] * len(mine)
+        losses, outputs = run_rollouts(rollouts, env, list(self.parameters()),
+                                       self.threads(tokens.device))  # fmt: skip
+        terms = {name + k: v for name, out in zip(names, outputs) for k, v in out.items()
+                 if k in ("ml_loss", "rl_loss")}  # fmt: skip
+        return loss + losses.sum(), terms
+
+    def threads(self, device: torch.device) -> int:
+        """The threads that run a step's rollouts: `rollout_threads`, or when 0, the process's
+        intra-op threads on the CPU (one rollout per thread) and 1 elsewhere."""
+        if self.rollout_threads:
+            return self.rollout_threads
+        return torch.get_num_threads() if device.type == "cpu" else 1
 
 
 @register_task(
@@ -127,6 +138,7 @@ class VLNTask(EvalOnlyTask):
         )  # (N, 36, D)
         features = features.to(acc.device)
         malloc.trim()  # the table builds' and the feature store reads' freed heap (~100 MB on R2R)
+        malloc.single_arena()  # the rollout threads (tasks.vln.lanes) share this heap
         self.env = NavEnv(self.tables, features, max_steps=cfg.max_steps)
         vocab = self.tokenizer.vocab_size
         dim, angle = features.shape[-1], self.tables.view_angles.shape[-1]
@@ -140,7 +152,8 @@ class VLNTask(EvalOnlyTask):
                 Speaker(cfg.speaker, vocab, dim, angle, self.tokenizer.pad_id)
             )
         else:
-            self.model = VLNModel(follower(), follower() if cfg.no_vision else None)
+            self.model = VLNModel(follower(), follower() if cfg.no_vision else None,
+                                  cfg.rollout_threads)  # fmt: skip
         if cfg.stage == "bt":
             self.model = BTModel(self.model, load_speaker(cfg.bt.speaker, dim, angle)[0])
             self.aug = self._aug_episodes()
