@@ -8,7 +8,10 @@ back-translation stage: every update trains the follower on a real batch and on 
 augmented paths of the training houses instructed by the packaged houses speaker under one
 environmental-dropout mask (imitation + A2C, mlWeight 1.0 / 0.6); its no-vision twin trains
 on the same batches. The report prints NE / SR / SPL / nDTW / SDTW on val_seen and val_unseen
-next to the random and forward-only walkers and the no-vision agent.
+next to the random and forward-only walkers and the no-vision agent. On the CPU a step's
+rollouts (imitation and A2C, agent and twin) run side by side on the process's threads, one
+intra-op thread each (`rollout_threads`; a generator per rollout, so the numbers do not depend
+on how many threads ran them).
 
     accelerate launch tasks/vln.py
     python tasks/vln.py                                            # the same, one process

@@ -38,9 +38,9 @@ class VLNConfig(RunConfig):
     # paths under environmental dropout, the no-vision twin on both), a half-width follower,
     # lr 1e-3, at most 15 decisions (house paths have <= 6 moves), view features rescaled to
     # norm 20, dropout 0.2 / feature dropout 0.1, imitation + A2C with mlWeight 1.0, 4 epochs
-    # of 4,320 instructions (272 updates, ~9.5 minutes on 2 Zen 3 cores). The follower alone
-    # (--set stage=follower --set train.epochs=5, ~6 minutes) beat its no-vision twin on unseen
-    # houses by +1.5 to +4.4 SR; this default by +5.8 and +6.6 (seeds 0 and 1, README).
+    # of 4,320 instructions (272 updates; 611 s on 2 Zen 3 cores in a slow hour). The
+    # follower alone (--set stage=follower --set train.epochs=5, ~6 minutes) beat its no-vision
+    # twin on unseen houses by +1.5 to +4.4 SR; this default by +5.8 to +7.3 (README).
     # Measured on `medium`: with EnvDrop's mlWeight 0.2 and dropout 0.5 / 0.3 the follower did
     # not beat its no-vision twin in this budget (EnvDrop: 80k updates). EnvDrop's own settings
     # (mlWeight 0.2, hidden 512, lr 1e-4, 35 actions) are configs/tasks/vln_r2r_envdrop.yaml.
