@@ -60,7 +60,7 @@ def test_soft_dot_attention_forms_equal_envdrops_bmm(form):
                 attn = torch.softmax(logit.masked_fill(~mask, float("-inf")), 1)
                 out = (attn.unsqueeze(1) @ ctx).squeeze(1)
             elif fixed is not None:
-                out = att.attend_fixed(h, fixed)
+                out = fixed.attend(att.linear_in(h))
             else:
                 out = att(h, ctx, mask)[0]
             loss = loss + (out * w).sum()
@@ -75,7 +75,7 @@ def test_soft_dot_attention_forms_equal_envdrops_bmm(form):
     if form == "fixed_context":
         with torch.no_grad():  # evaluation: the same values without the deferred node
             fixed = FixedContext(base * 2.0, mask)
-            torch.testing.assert_close(att.attend_fixed(hs[0], fixed),
+            torch.testing.assert_close(fixed.attend(att.linear_in(hs[0])),
                                        att(hs[0], base * 2.0, mask)[0])  # fmt: skip
 
 

@@ -95,18 +95,18 @@ class NavEnv:
         self._flat = features.view(-1, features.shape[-1])  # (N * 36, D)
         self._view_angles = torch.from_numpy(tables.view_angles)  # (12, 36, A)
         self.episodes: list[Episode] = []
+        self._lanes: dict[int, NavEnv] = {}  # `lane`
 
     def lane(self, k: int) -> NavEnv:
         """Environment k of a set over the same tables and features (0: this one), for other
         batches of episodes run at the same time on other threads (`tasks.vln.lanes`)."""
         if k == 0:
             return self
-        lanes = self.__dict__.setdefault("_lanes", {})
-        if k not in lanes:
-            lanes[k] = NavEnv(self.tables, self.features, max_steps=self.max_steps,
-                              record_turns=self.record_turns)  # fmt: skip
-        lanes[k].max_steps = self.max_steps
-        return lanes[k]
+        if k not in self._lanes:
+            self._lanes[k] = NavEnv(self.tables, self.features, max_steps=self.max_steps,
+                                    record_turns=self.record_turns)  # fmt: skip
+        self._lanes[k].max_steps = self.max_steps
+        return self._lanes[k]
 
     # --- episode state ---------------------------------------------------------------------
     def reset(self, episodes: Sequence[Episode]) -> NavObservation:

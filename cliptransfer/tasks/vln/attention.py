@@ -48,18 +48,6 @@ class SoftDotAttention(nn.Module):
         weighted = torch.bmm(attn.unsqueeze(1).to(context.dtype), context).squeeze(1)
         return weighted, attn  # (B, C), (B, L)
 
-    def attend_fixed(self, h: torch.Tensor, fixed: FixedContext) -> torch.Tensor:
-        """forward(h, fixed.context, fixed.mask)[0], its context gradient deferred."""
-        return fixed.attend(self.linear_in(h))
-
-    def attend_visual(self, h: torch.Tensor, visual: VisualContext) -> torch.Tensor:
-        """forward(h, visual.dense())[0] without forming the dense context -> (B, D + A)."""
-        return visual.weighted(torch.softmax(visual.logits(self.linear_in(h)), dim=1))
-
-    def visual_logits(self, h: torch.Tensor, visual: VisualContext) -> torch.Tensor:
-        """logits(h, visual.dense()) -> (B, L)."""
-        return visual.logits(self.linear_in(h))
-
 
 def matvec(context: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """context (B, L, C) @ v (B, C) -> (B, L), as (B, 1, C) @ (B, C, L): MKL runs this form
@@ -171,7 +159,7 @@ class _Attend(torch.autograd.Function):
 
 class FixedContext:
     """A (B, L, C) context with its (B, L) mask, attended by many queries (one per decoder
-    step) through `SoftDotAttention.attend_fixed`. Values and gradients equal the plain
+    step) through `attend(linear_in(h))`. Values and gradients equal the plain
     attention's (up to summation order); the context's gradient is formed once per backward."""
 
     def __init__(self, context: torch.Tensor, mask: torch.Tensor) -> None:

@@ -65,17 +65,17 @@ def imitation_and_a2c(agent, episodes: list[Episode], tokens: torch.Tensor,
     and `steps` and `rows` (`rollout`'s)."""
     kw = {"zero_vision": zero_vision, "env_mask": env_mask, "compact": compact}
 
+    kept = ("loss", "steps", "rows")
+
     def imitation(env: NavEnv) -> dict:
         out = rollout(agent, env, episodes, tokens, lengths, feedback="teacher",
                       ml_weight=ml_weight, **kw)  # fmt: skip
-        return {"loss": out["loss"], "ml_loss": out["ml_loss"] / len(episodes),
-                "steps": out["steps"], "rows": out["rows"]}  # fmt: skip
+        return {**{k: out[k] for k in kept}, "ml_loss": out["ml_loss"] / len(episodes)}
 
     def a2c(env: NavEnv) -> dict:
         out = rollout(agent, env, episodes, tokens, lengths, feedback="sample", rl=True,
                       gamma=rl.gamma, entropy_weight=rl.entropy, **kw)  # fmt: skip
-        return {"loss": out["loss"], "rl_loss": out["rl_loss"], "steps": out["steps"],
-                "rows": out["rows"]}  # fmt: skip
+        return {k: out[k] for k in (*kept, "rl_loss")}
 
     if rl.feedback != "sample":
         return [Rollout(imitation)]
