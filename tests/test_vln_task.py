@@ -463,3 +463,21 @@ def test_a_failing_rollout_on_a_helper_thread_raises_on_the_caller(world):
     with pytest.raises(ValueError, match="on purpose"):
         run_rollouts([*ok, Rollout(fails, first=True)], env, list(agent.parameters()), 2)
     assert torch.get_num_threads() == previous
+
+
+def test_rollouts_under_bf16_autocast_run_on_both_threads(world):
+    # train.precision=bf16: each lane enters the caller's autocast; losses and gradients are
+    # float32 and finite (the critic's bf16 bootstrap value once broke the A2C return).
+    eps, _, env = world
+    agent = _agent(env).train()
+    tokens, lengths = _tokens(4)
+    for threads in (1, 2):
+        agent.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rollouts = imitation_and_a2c(agent, eps[:4], tokens, lengths, RLConfig(), 1.0)
+            losses, outputs = run_rollouts(rollouts, env, list(agent.parameters()), threads)
+        losses.sum().backward()
+        assert losses.dtype == torch.float32 and torch.isfinite(losses).all()
+        assert outputs[1]["rl_loss"].dtype == torch.float32
+        assert all(torch.isfinite(p.grad).all() for p in agent.parameters() if p.grad is not None)
+        assert agent.lstm.weight_ih.grad.abs().sum() > 0

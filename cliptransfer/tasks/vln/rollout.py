@@ -180,7 +180,7 @@ def rollout(model, env: NavEnv, episodes: list[Episode], tokens: torch.Tensor,
         with torch.no_grad():  # the critic's value of the final state, for unfinished episodes
             _, _, h_last = model.step(_to(ob, device), prev_angle, state, text, env_mask,
                                       zero_vision, weights=weights)  # fmt: skip
-            last_value = model.critic(h_last).squeeze(1)
+            last_value = model.critic(h_last).squeeze(1).float()  # bf16 under autocast
         # Episodes no longer computed have stopped: their return starts at 0.
         ret = torch.zeros(batch, device=device).index_copy_(
             0, rows_t, torch.where(torch.from_numpy(stopped[rows]).to(device), 0.0, last_value)
