@@ -77,6 +77,7 @@ def main() -> None:
                     help="compute every episode until the batch ends, as EnvDrop (rollouts "
                          "otherwise stop computing the episodes that have ended)")  # fmt: skip
     args = ap.parse_args()
+    malloc.single_arena()  # as tasks/vln.py: the rollout threads share the main heap
     if args.malloc == "fixed":
         malloc.fix_mmap_threshold(1 << 20)
     if not (args.r2r / "connectivity").is_dir():
@@ -93,7 +94,6 @@ def main() -> None:
     # Training needs only the tables: the graphs' all-pairs caches (~170 MB of dicts) go.
     tables = NavTables.build(load_graphs(args.r2r / "connectivity", scans))
     malloc.trim()  # as tasks/vln.py after its table build
-    malloc.single_arena()
     # Drawn in the table's dtype: a float32 source would be a 593 MB transient (kept by jemalloc).
     features = torch.randn(len(tables), 36, args.dim, dtype=FEATURE_DTYPES[args.feature_dtype])
     env = NavEnv(tables, features, max_steps=args.max_steps)

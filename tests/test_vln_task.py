@@ -481,3 +481,24 @@ def test_rollouts_under_bf16_autocast_run_on_both_threads(world):
         assert outputs[1]["rl_loss"].dtype == torch.float32
         assert all(torch.isfinite(p.grad).all() for p in agent.parameters() if p.grad is not None)
         assert agent.lstm.weight_ih.grad.abs().sum() > 0
+
+
+def test_rollout_lanes_gradients_equal_one_backward_of_the_summed_losses(world, monkeypatch):
+    # The lanes' per-rollout gradients, summed, equal autograd's over the summed losses (dropout
+    # off and sampling made deterministic, so a plain run draws the same): shared gradient
+    # tensors (b_ih + b_hh's two biases) included.
+    eps, _, env = world
+    monkeypatch.setattr(rollout_module, "sample_actions", lambda probs: probs.argmax(1))
+    agent = _agent(env).eval()
+    tokens, lengths = _tokens(6)
+    rollouts = imitation_and_a2c(agent, eps[:6], tokens, lengths, RLConfig(), 0.5)
+    losses, _ = run_rollouts(rollouts, env, list(agent.parameters()), 2)
+    agent.zero_grad()
+    losses.sum().backward()
+    mine = {n: p.grad.clone() for n, p in agent.named_parameters() if p.grad is not None}
+    agent.zero_grad()
+    sum(r.run(env)["loss"] for r in rollouts).backward()
+    assert mine.keys() == {n for n, p in agent.named_parameters() if p.grad is not None}
+    for name, p in agent.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(mine[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
