@@ -502,3 +502,15 @@ def test_rollout_lanes_gradients_equal_one_backward_of_the_summed_losses(world, 
     for name, p in agent.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(mine[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_rollouts_without_gradients_just_run(world):
+    # No parameter needing a gradient (a frozen agent) or no autograd: the rollouts run in
+    # order and return their losses and terms, with no graph.
+    eps, _, env = world
+    agent = _agent(env).train().requires_grad_(False)
+    rollouts = imitation_and_a2c(agent, eps[:3], *_tokens(3), RLConfig(), 1.0)
+    for threads in (1, 2):
+        losses, outputs = run_rollouts(rollouts, env, list(agent.parameters()), threads)
+        assert losses.shape == (2,) and not losses.requires_grad and torch.isfinite(losses).all()
+        assert "loss" not in outputs[0] and set(outputs[1]) >= {"rl_loss", "steps", "rows"}

@@ -50,7 +50,7 @@ class _Plan:
         self.threads = max(1, min(threads, len(self.rollouts)))
         self.seeds = [draw_seed() for _ in self.rollouts]  # in order, whatever runs them
         self.outputs: list[dict | None] = [None] * len(self.rollouts)
-        device = params[0].device.type
+        device = env.features.device.type  # where the rollouts compute
         self.autocast = (
             device,
             torch.is_autocast_enabled(device),
