@@ -31,6 +31,26 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def houses(tmp_path_factory) -> Path:
+    """The `tiny` houses, shared by the navigation task tests (test_vln_*.py)."""
+    from cliptransfer.worlds.houses import prepare_houses
+
+    return prepare_houses(tmp_path_factory.mktemp("vln") / "houses", "tiny", seed=0, workers=1)
+
+
+@pytest.fixture(scope="module")
+def world(houses):
+    """(train episodes, graphs, a NavEnv with random 12-d view features) on the tiny houses."""
+    from cliptransfer.nav import NavEnv, NavTables, load_graphs, load_r2r
+
+    eps = load_r2r(houses / "r2r" / "R2R_train.json")
+    graphs = load_graphs(houses / "r2r" / "connectivity")
+    tables = NavTables.build(graphs)
+    feats = torch.randn(len(tables), 36, 12, generator=torch.Generator().manual_seed(0))
+    return eps, graphs, NavEnv(tables, feats, max_steps=10)
+
+
+@pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> Path:
     """A `tiny` Shapes world shared by every test of the session (a few seconds to generate)."""
     from cliptransfer.worlds.shapes import prepare_shapes

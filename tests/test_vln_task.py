@@ -10,20 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from vln_helpers import assert_equal_grads, follower, grad_dict, token_batch
 
 from cliptransfer.cli import main as cli
 from cliptransfer.config import ConfigError
 from cliptransfer.defaults import HOUSES_SPEAKER
 from cliptransfer.engine import run_task
 from cliptransfer.fileio import read_json
-from cliptransfer.nav import NavEnv, NavTables, load_graphs, load_r2r
+from cliptransfer.nav import load_graphs, load_r2r
 from cliptransfer.tasks.vln import rollout as rollout_module
-from cliptransfer.tasks.vln.agent import Follower, FollowerConfig
-from cliptransfer.tasks.vln.config import RLConfig
-from cliptransfer.tasks.vln.lanes import Rollout, run_rollouts
-from cliptransfer.tasks.vln.rollout import forward_walk, imitation_and_a2c, rollout
-from cliptransfer.tasks.vln.task import VLNConfig, VLNModel, VLNTask
-from cliptransfer.worlds.houses import prepare_houses
+from cliptransfer.tasks.vln.agent import FollowerConfig
+from cliptransfer.tasks.vln.rollout import forward_walk, rollout
+from cliptransfer.tasks.vln.task import VLNConfig, VLNTask
 
 SMALL = ["--set", "agent.hidden=32", "--set", "agent.word_embed=16", "--set",
          "agent.angle_embed=8", "--set", "max_steps=8", "--set", "train.batch_size=16",
@@ -35,36 +33,11 @@ SMALL = ["--set", "agent.hidden=32", "--set", "agent.word_embed=16", "--set",
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def houses(tmp_path_factory):
-    return prepare_houses(tmp_path_factory.mktemp("vln") / "houses", "tiny", seed=0, workers=1)
-
-
-@pytest.fixture(scope="module")
-def world(houses):
-    eps = load_r2r(houses / "r2r" / "R2R_train.json")
-    graphs = load_graphs(houses / "r2r" / "connectivity")
-    tables = NavTables.build(graphs)
-    feats = torch.randn(len(tables), 36, 12, generator=torch.Generator().manual_seed(0))
-    return eps, graphs, NavEnv(tables, feats, max_steps=10)
-
-
-def _agent(env, vocab=50):
-    torch.manual_seed(0)
-    cfg = FollowerConfig(word_embed=16, hidden=32, angle_embed=8)
-    return Follower(cfg, vocab, env.features.shape[-1], env.tables.view_angles.shape[-1])
-
-
-def _tokens(n, length=7):
-    tokens = torch.randint(1, 50, (n, length), generator=torch.Generator().manual_seed(1))
-    return tokens, torch.full((n,), length)
-
-
 def test_follower_step_puts_stop_after_the_candidates(world):
     eps, _, env = world
-    agent = _agent(env).eval()
+    agent = follower(env).eval()
     ob = env.reset(eps[:4])
-    tokens, lengths = _tokens(4)
+    tokens, lengths = token_batch(4)
     text, state = agent.encode(tokens, lengths)
     prev = torch.zeros(4, 128)
     logits, (h, c), h1 = agent.step(ob, prev, state, text)
@@ -81,9 +54,9 @@ def test_views_gathered_again_in_backward_equal_the_kept_views(world, mode):
     # With recompute_views the step keeps no (B, 36, D + A) context for backward (checkpointed
     # attention, views gathered from the table again): same logits, same gradients, same RNG.
     eps, _, env = world
-    agent = _agent(env).train()
+    agent = follower(env).train()
     agent.cfg.recompute_views = True
-    tokens, lengths = _tokens(6)
+    tokens, lengths = token_batch(6)
     kw = {"zero_vision": mode == "zero_vision"}
     if mode == "env_mask":
         kw["env_mask"] = (torch.rand(1, env.features.shape[-1]) > 0.5).float() * 2
@@ -99,21 +72,19 @@ def test_views_gathered_again_in_backward_equal_the_kept_views(world, mode):
             ob = env.step(ob.teacher.clamp(min=0))
         agent.zero_grad()
         loss.backward()
-        grads = {n: p.grad.clone() for n, p in agent.named_parameters() if p.grad is not None}
+        grads = grad_dict(agent)
         results.append((loss.detach(), grads, torch.rand(1)))
     (loss_a, grads_a, rng_a), (loss_b, grads_b, rng_b) = results
     assert torch.equal(loss_a, loss_b) and torch.equal(rng_a, rng_b)
-    assert grads_a.keys() == grads_b.keys() and "feat_att.linear_in.weight" in grads_a
-    for name, grad in grads_a.items():
-        assert torch.equal(grad, grads_b[name]), name
+    assert_equal_grads(grads_a, grads_b, "feat_att.linear_in.weight")
 
 
 def test_environmental_dropout_masks_each_episodes_channels_at_every_step(world):
     # agent.env_dropout: a (B, D) mask, one per episode, on every view and candidate feature:
     # an all-zero row is that episode without vision, an all-one row leaves it as it was.
     eps, _, env = world
-    agent = _agent(env).eval()
-    tokens, lengths = _tokens(2)
+    agent = follower(env).eval()
+    tokens, lengths = token_batch(2)
     d = env.features.shape[-1]
     outs = []
     for kw in ({"env_mask": torch.stack([torch.zeros(d), torch.ones(d)])},
@@ -137,8 +108,8 @@ def test_environmental_dropout_masks_each_episodes_channels_at_every_step(world)
 
 def test_teacher_rollout_reaches_every_goal_and_a2c_trains_the_critic(world):
     eps, graphs, env = world
-    agent = _agent(env)
-    tokens, lengths = _tokens(8)
+    agent = follower(env)
+    tokens, lengths = token_batch(8)
     out = rollout(agent, env, eps[:8], tokens, lengths, feedback="teacher", ml_weight=1.0)
     assert torch.isfinite(out["loss"]) and out["loss"] > 0
     for ep, traj in zip(eps[:8], env.trajectories(), strict=True):
@@ -164,8 +135,8 @@ def test_rollout_that_stops_computing_ended_episodes_equals_the_whole_batch(worl
         return probs.masked_fill(probs == 0, math.inf).argmin(-1)
 
     monkeypatch.setattr(rollout_module, "sample_actions", least_likely)
-    agent = _agent(env).eval()
-    tokens, lengths = _tokens(12)
+    agent = follower(env).eval()
+    tokens, lengths = token_batch(12)
     d = env.features.shape[-1]
     env_mask = (torch.rand(12, d, generator=torch.Generator().manual_seed(3)) > 0.3).float()
     runs = []
@@ -174,7 +145,7 @@ def test_rollout_that_stops_computing_ended_episodes_equals_the_whole_batch(worl
         out = rollout(agent, env, eps[:12], tokens, lengths, feedback=feedback, ml_weight=1.0,
                       rl=feedback == "sample", env_mask=env_mask, compact=compact)  # fmt: skip
         out["loss"].backward()
-        grads = {n: p.grad.clone() for n, p in agent.named_parameters() if p.grad is not None}
+        grads = grad_dict(agent)
         runs.append((out, grads, env.trajectories()))
     (full, grads_full, traj_full), (part, grads_part, traj_part) = runs
     assert traj_part == traj_full and part["steps"] == full["steps"]
@@ -413,104 +384,3 @@ def test_packaged_speaker_describes_house_paths_and_is_the_bt_default(houses, tm
                                 "--set", "train.max_steps=1",
                                 "--set", f"train.out_dir={tmp_path / 'bt'}"])  # fmt: skip
     assert set(report["baselines"]) == {"random", "forward", "no_vision"}
-
-
-def test_rollouts_on_two_threads_equal_one_thread(world, monkeypatch):
-    # tasks.vln.lanes: a step's rollouts (imitation + A2C of the agent and of its no-vision
-    # twin, dropout on, actions sampled) on 2 threads give the same losses, terms, gradients
-    # and RNG state afterwards as on 1, bit for bit (one intra-op thread per op in both).
-    eps, _, env = world
-    model = VLNModel(_agent(env).train(), _agent(env).train())
-    tokens, lengths = _tokens(8)
-    lanes_used = []
-    lane = NavEnv.lane
-    monkeypatch.setattr(NavEnv, "lane", lambda self, k: lanes_used.append(k) or lane(self, k))
-    previous, runs = torch.get_num_threads(), []
-    torch.set_num_threads(1)
-    try:
-        for threads in (1, 2):
-            model.rollout_threads = threads
-            torch.manual_seed(5)
-            model.zero_grad()
-            loss, terms = model.walk(env, eps[:8], tokens, lengths, RLConfig(), 0.5)
-            loss.backward()
-            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-            runs.append((loss.detach(), terms, grads, torch.rand(1)))
-        assert torch.get_num_threads() == 1  # restored after the threaded part
-    finally:
-        torch.set_num_threads(previous)
-    (loss_1, terms_1, grads_1, rng_1), (loss_2, terms_2, grads_2, rng_2) = runs
-    assert 1 in lanes_used  # the second run did use a second thread's environment
-    assert torch.equal(loss_1, loss_2) and torch.equal(rng_1, rng_2)
-    assert terms_1.keys() == terms_2.keys() == {"ml_loss", "rl_loss", "blind_ml_loss",
-                                                "blind_rl_loss"}  # fmt: skip
-    for k, v in terms_1.items():
-        assert torch.equal(v, terms_2[k]), k
-    assert grads_1.keys() == grads_2.keys() and "blind.critic.0.weight" in grads_1
-    for name, grad in grads_1.items():
-        assert torch.equal(grad, grads_2[name]), name
-
-
-def test_a_failing_rollout_on_a_helper_thread_raises_on_the_caller(world):
-    eps, _, env = world
-    agent = _agent(env).train()
-
-    def fails(env):
-        raise ValueError("rollout failed on purpose")
-
-    ok = imitation_and_a2c(agent, eps[:2], *_tokens(2), RLConfig(), 1.0)
-    previous = torch.get_num_threads()
-    with pytest.raises(ValueError, match="on purpose"):
-        run_rollouts([*ok, Rollout(fails, first=True)], env, list(agent.parameters()), 2)
-    assert torch.get_num_threads() == previous
-
-
-def test_rollouts_under_bf16_autocast_run_on_both_threads(world):
-    # train.precision=bf16: each lane enters the caller's autocast; losses and gradients are
-    # float32 and finite (the critic's bf16 bootstrap value once broke the A2C return).
-    eps, _, env = world
-    agent = _agent(env).train()
-    tokens, lengths = _tokens(4)
-    for threads in (1, 2):
-        agent.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            rollouts = imitation_and_a2c(agent, eps[:4], tokens, lengths, RLConfig(), 1.0)
-            losses, outputs = run_rollouts(rollouts, env, list(agent.parameters()), threads)
-        losses.sum().backward()
-        assert losses.dtype == torch.float32 and torch.isfinite(losses).all()
-        assert outputs[1]["rl_loss"].dtype == torch.float32
-        assert all(torch.isfinite(p.grad).all() for p in agent.parameters() if p.grad is not None)
-        assert agent.lstm.weight_ih.grad.abs().sum() > 0
-
-
-def test_rollout_lanes_gradients_equal_one_backward_of_the_summed_losses(world, monkeypatch):
-    # The lanes' per-rollout gradients, summed, equal autograd's over the summed losses (dropout
-    # off and sampling made deterministic, so a plain run draws the same): shared gradient
-    # tensors (b_ih + b_hh's two biases) included.
-    eps, _, env = world
-    monkeypatch.setattr(rollout_module, "sample_actions", lambda probs: probs.argmax(1))
-    agent = _agent(env).eval()
-    tokens, lengths = _tokens(6)
-    rollouts = imitation_and_a2c(agent, eps[:6], tokens, lengths, RLConfig(), 0.5)
-    losses, _ = run_rollouts(rollouts, env, list(agent.parameters()), 2)
-    agent.zero_grad()
-    losses.sum().backward()
-    mine = {n: p.grad.clone() for n, p in agent.named_parameters() if p.grad is not None}
-    agent.zero_grad()
-    sum(r.run(env)["loss"] for r in rollouts).backward()
-    assert mine.keys() == {n for n, p in agent.named_parameters() if p.grad is not None}
-    for name, p in agent.named_parameters():
-        if p.grad is not None:
-            torch.testing.assert_close(mine[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
-
-
-def test_rollouts_without_gradients_just_run(world):
-    # No parameter needing a gradient (a frozen agent) or no autograd: the rollouts run in
-    # order and return their losses and terms, with no graph.
-    eps, _, env = world
-    agent = _agent(env).train().requires_grad_(False)
-    rollouts = imitation_and_a2c(agent, eps[:3], *_tokens(3), RLConfig(), 1.0)
-    for threads in (1, 2):
-        losses, outputs = run_rollouts(rollouts, env, list(agent.parameters()), threads)
-        assert losses.shape == (2,) and not losses.requires_grad and torch.isfinite(losses).all()
-        assert "loss" not in outputs[0] and set(outputs[1]) >= {"rl_loss", "steps", "rows"}
