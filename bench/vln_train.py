@@ -121,9 +121,9 @@ def main() -> None:
         rollouts = imitation_and_a2c(agent, eps, tokens, lengths, RLConfig(), 0.2,
                                      compact=compact)  # fmt: skip
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            losses, outs = run_rollouts(rollouts, env, list(agent.parameters()), threads)
+            loss, outs = run_rollouts(rollouts, env, list(agent.parameters()), threads)
         opt.zero_grad(set_to_none=True)
-        losses.sum().backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(agent.parameters(), 40.0)
         opt.step()
         computed_rows.append(sum(o["rows"] for o in outs))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +201,12 @@ def test_supervised_view_encoder_is_the_detectors_pool5_of_the_whole_view(houses
             want = net.eval().pool5(net.feature_map(x), torch.tensor([[0.0, 0, 0, 64, 48]]))
             assert torch.allclose(features[0, ix], want[0], atol=1e-5)
     assert features.shape[1] == NUM_VIEWS and (features >= 0).all()  # post-ReLU, as pool5
+    # The same weights from another folder (a moved cache) reuse the store: the folder in the
+    # backbone's label is informational, the weights' digest is what must match.
+    shutil.copytree(tmp_path / "model", tmp_path / "moved")
+    again = extract_views(RegionViewEncoder(tmp_path / "moved"), conn, tmp_path / "views",
+                          skyboxes=houses / "scans", scans=[scan], width=64, height=48)  # fmt: skip
+    assert (again["written"], again["already"]) == (0, stats["written"])
 
 
 def test_statistics_and_turn_words(houses):

@@ -75,9 +75,9 @@ def test_rollouts_under_bf16_autocast_run_on_both_threads(world):
         agent.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             rollouts = imitation_and_a2c(agent, eps[:4], tokens, lengths, RLConfig(), 1.0)
-            losses, outputs = run_rollouts(rollouts, env, list(agent.parameters()), threads)
-        losses.sum().backward()
-        assert losses.dtype == torch.float32 and torch.isfinite(losses).all()
+            loss, outputs = run_rollouts(rollouts, env, list(agent.parameters()), threads)
+        loss.backward()
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
         assert outputs[1]["rl_loss"].dtype == torch.float32
         assert all(torch.isfinite(p.grad).all() for p in agent.parameters() if p.grad is not None)
         assert agent.lstm.weight_ih.grad.abs().sum() > 0
@@ -92,9 +92,9 @@ def test_rollout_lanes_gradients_equal_one_backward_of_the_summed_losses(world, 
     agent = follower(env).eval()
     tokens, lengths = token_batch(6)
     rollouts = imitation_and_a2c(agent, eps[:6], tokens, lengths, RLConfig(), 0.5)
-    losses, _ = run_rollouts(rollouts, env, list(agent.parameters()), 2)
+    loss, _ = run_rollouts(rollouts, env, list(agent.parameters()), 2)
     agent.zero_grad()
-    losses.sum().backward()
+    loss.backward()
     mine = grad_dict(agent)
     agent.zero_grad()
     sum(r.run(env)["loss"] for r in rollouts).backward()
@@ -111,6 +111,52 @@ def test_rollouts_without_gradients_just_run(world):
     agent = follower(env).train().requires_grad_(False)
     rollouts = imitation_and_a2c(agent, eps[:3], *token_batch(3), RLConfig(), 1.0)
     for threads in (1, 2):
-        losses, outputs = run_rollouts(rollouts, env, list(agent.parameters()), threads)
-        assert losses.shape == (2,) and not losses.requires_grad and torch.isfinite(losses).all()
-        assert "loss" not in outputs[0] and set(outputs[1]) >= {"rl_loss", "steps", "rows"}
+        loss, outputs = run_rollouts(rollouts, env, list(agent.parameters()), threads)
+        assert loss.shape == () and not loss.requires_grad and torch.isfinite(loss)
+        assert torch.equal(loss, outputs[0]["loss"] + outputs[1]["loss"])
+        assert set(outputs[1]) >= {"loss", "rl_loss", "steps", "rows"}
+
+
+def test_a_scaled_backward_scales_the_gradients_formed_in_forward(world):
+    # Each rollout's gradient is formed as soon as it ends (its graph freed then); a backward
+    # with d total / d loss != 1 (gradient accumulation divides the loss) scales their sum.
+    eps, _, env = world
+    agent = follower(env).eval()
+    tokens, lengths = token_batch(4)
+    grads = []
+    for scale in (1.0, 0.25):
+        torch.manual_seed(3)
+        rollouts = imitation_and_a2c(agent, eps[:4], tokens, lengths, RLConfig(), 0.5)
+        loss, outputs = run_rollouts(rollouts, env, list(agent.parameters()), 2)
+        assert all(o["loss"].grad_fn is None for o in outputs)
+        agent.zero_grad()
+        (loss * scale).backward()
+        grads.append(grad_dict(agent))
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g * 0.25, rtol=1e-6, atol=0, msg=name)
+
+
+def test_fp16_autocast_keeps_the_graphs_for_the_loss_scale(world, monkeypatch):
+    # Under fp16 autocast a GradScaler multiplies the loss before backward so that small
+    # gradients survive in fp16: the rollouts' graphs wait for that backward instead of
+    # forming their gradients at scale 1 in forward (fp32 and bf16 form them in forward).
+    eps, _, env = world
+    agent = follower(env).eval()
+    tokens, lengths = token_batch(3)
+    calls, grad = [], torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or grad(*a, **k))
+    grads = []
+    for dtype, scale in ((None, 1.0), (torch.float16, 1.0), (torch.float16, 1024.0)):
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            rollouts = imitation_and_a2c(agent, eps[:3], tokens, lengths, RLConfig(), 0.5)
+            loss, _ = run_rollouts(rollouts, env, list(agent.parameters()), 2)
+        formed_in_forward = len(calls)
+        agent.zero_grad()
+        (loss * scale).backward()
+        assert (formed_in_forward, len(calls)) == ((2, 2) if dtype is None else (0, 2))
+        calls.clear()
+        grads.append({k: v / scale for k, v in grad_dict(agent).items()})
+    assert torch.isfinite(loss)
+    for name, g in grads[1].items():
+        torch.testing.assert_close(grads[2][name], g, rtol=2e-2, atol=1e-5, msg=name)

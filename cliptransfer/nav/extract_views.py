@@ -27,7 +27,7 @@ from cliptransfer.nav.graph import load_graphs, read_scans
 from cliptransfer.nav.render import find_skybox, load_skybox, render_view
 from cliptransfer.nav.view_features import NUM_VIEWS, view_key
 from cliptransfer.nav.views import view_angles
-from cliptransfer.visual.extract import load_backbone, rank_shard
+from cliptransfer.visual.extract import INFORMATIONAL_KEYS, load_backbone, rank_shard
 from cliptransfer.visual.store import FeatureStore
 
 __all__ = [
@@ -152,7 +152,8 @@ def extract_views(encoder: Any, connectivity: str | Path, out: str | Path, *,
             "source": "skyboxes" if skyboxes else "pre-rendered views"}  # fmt: skip
     stats = {"store": str(out), "viewpoints": len(items), "written": 0, "already": 0}
     bar = None
-    with FeatureStore.create(out, meta, rank=rank) as writer:
+    # The backbone's label (it names a folder) may change with the same weights: informational.
+    with FeatureStore.create(out, meta, rank=rank, ignore_keys=INFORMATIONAL_KEYS) as writer:
         todo = [it for it in rank_shard(items, rank, world) if view_key(*it) not in writer]
         stats["already"] = len(rank_shard(items, rank, world)) - len(todo)
         if progress and rank == 0 and todo:

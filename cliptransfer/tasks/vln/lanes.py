@@ -15,6 +15,12 @@ generator before any of them runs; each rollout's gradient is formed on its own
 give the same losses and gradients (at the same intra-op thread count per op), and a resumed run
 reproduces the uninterrupted one. To autograd (and DDP) the rollouts are one node whose
 backward returns every parameter's gradient.
+
+Memory: a rollout forms its gradient as soon as it ends, on its lane, and its graph (~100 MB at
+R2R-EnvDrop's sizes) is freed then, so at most one graph per lane is alive instead of every
+rollout's until the step's backward; that backward only hands over the sum (scaled when the
+loss was). Under fp16 autocast the graphs wait for backward instead: a GradScaler's loss scale
+must reach the fp16 gradients.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ class _Plan:
         self.threads = max(1, min(threads, len(self.rollouts)))
         self.seeds = [draw_seed() for _ in self.rollouts]  # in order, whatever runs them
         self.outputs: list[dict | None] = [None] * len(self.rollouts)
+        self.total: list[torch.Tensor | None] = [None] * len(params)  # the summed gradients
+        self.eager = False
         device = env.features.device.type  # where the rollouts compute
         self.autocast = (
             device,
@@ -95,27 +103,53 @@ class _Plan:
         if errors:
             raise errors[0]
 
-    def forward(self, record: bool = True) -> list[dict]:
-        """Run every rollout, recording its graph when `record`."""
+    def forward(self, record: bool = True) -> torch.Tensor:
+        """Run every rollout; with `record`, form its gradient right after it (graphs are
+        freed as soon as they are used: one per lane at a time) and add it to the running
+        sum in the rollouts' order. Returns the losses' sum (their order too)."""
         device, enabled, dtype = self.autocast
+        # fp16 needs the loss scale (GradScaler) through backward: those graphs stay until then.
+        self.eager = record and not (enabled and dtype == torch.float16)
+        lock, ready, added = threading.Lock(), {}, [0]
+
+        def accumulate(j: int, grads) -> None:
+            with lock:  # every rollout's turn in order, whichever thread finishes it
+                ready[j] = grads
+                while added[0] in ready:
+                    for i, g in enumerate(ready.pop(added[0]) or ()):
+                        if g is not None:
+                            self.total[i] = g if self.total[i] is None else self.total[i] + g
+                    added[0] += 1
 
         def work(j: int, env: NavEnv) -> None:
             generator = torch.Generator().manual_seed(self.seeds[j])
             amp = torch.autocast(device, dtype=dtype) if enabled else nullcontext()
             with torch.set_grad_enabled(record), amp, local_generator(generator):
-                self.outputs[j] = self.rollouts[j].run(env)
+                out = self.rollouts[j].run(env)
+            if self.eager:
+                loss, out["loss"] = out["loss"], out["loss"].detach()
+                grads = None
+                if loss.requires_grad:
+                    grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+                accumulate(j, grads)
+            self.outputs[j] = out
 
         self._lanes(work)
-        return self.outputs
+        return torch.stack([o["loss"].detach().float() for o in self.outputs]).sum()
 
     def backward(self, grad: torch.Tensor) -> list[torch.Tensor | None]:
-        """grad (J,): d total / d each rollout's loss -> every parameter's gradient."""
+        """grad (): d total / d the losses' sum -> every parameter's gradient."""
+        if self.eager:
+            total, self.total = self.total, []
+            if float(grad) == 1.0:  # the usual case: exactly the gradients formed in forward
+                return total
+            return [None if g is None else g * grad.to(g.dtype) for g in total]
         grads: list = [None] * len(self.rollouts)
 
         def work(j: int, _env: NavEnv) -> None:
             loss, self.outputs[j]["loss"] = self.outputs[j]["loss"], None  # its graph goes
             if loss.requires_grad:
-                grads[j] = torch.autograd.grad(loss, self.params, grad[j], allow_unused=True)
+                grads[j] = torch.autograd.grad(loss, self.params, grad, allow_unused=True)
 
         self._lanes(work)
         total: list[torch.Tensor | None] = [None] * len(self.params)
@@ -129,9 +163,8 @@ class _Plan:
 class _Rollouts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: _Plan, *params: torch.Tensor) -> torch.Tensor:
-        outputs = plan.forward()
         ctx.plan = plan
-        return torch.stack([o["loss"].detach().float() for o in outputs])  # (J,)
+        return plan.forward()  # ()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -142,14 +175,13 @@ class _Rollouts(torch.autograd.Function):
 def run_rollouts(rollouts: Sequence[Rollout], env: NavEnv, params: Sequence[torch.Tensor],
                  threads: int = 1) -> tuple[torch.Tensor, list[dict]]:  # fmt: skip
     """Run `rollouts` (each in `env` or, on other threads, in an environment over the same
-    tables) on up to `threads` threads. Returns (their losses (J,), whose backward gives
-    `params` every rollout's gradient; their outputs without "loss"). Without gradients (or no
-    parameter that needs one) they just run, in order."""
+    tables) on up to `threads` threads. Returns (the sum of their losses (), whose backward
+    gives `params` the sum of every rollout's gradient; their outputs, "loss" detached).
+    Without gradients (or no parameter that needs one) they just run, in order."""
     params = [p for p in params if p.requires_grad]
     plan = _Plan(rollouts, env, params, threads)
     if not params or not torch.is_grad_enabled():
-        outputs = plan.forward(record=False)
-        losses = torch.stack([o.pop("loss").float() for o in outputs])
-        return losses, outputs
-    losses = _Rollouts.apply(plan, *params)
-    return losses, [{k: v for k, v in o.items() if k != "loss"} for o in plan.outputs]
+        return plan.forward(record=False), plan.outputs
+    total = _Rollouts.apply(plan, *params)
+    # Copies: under fp16 the plan keeps the graphs (the losses) for backward.
+    return total, [{**o, "loss": o["loss"].detach()} for o in plan.outputs]

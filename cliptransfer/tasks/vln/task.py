@@ -74,11 +74,11 @@ class VLNModel(nn.Module):
                                      zero_vision=zero, env_mask=None if zero else env_mask)  # fmt: skip
             rollouts += mine
             names += [prefix + name] * len(mine)
-        losses, outputs = run_rollouts(rollouts, env, list(self.parameters()),
-                                       self.threads(tokens.device))  # fmt: skip
+        total, outputs = run_rollouts(rollouts, env, list(self.parameters()),
+                                      self.threads(tokens.device))  # fmt: skip
         terms = {name + k: v for name, out in zip(names, outputs) for k, v in out.items()
                  if k in ("ml_loss", "rl_loss")}  # fmt: skip
-        return loss + losses.sum(), terms
+        return loss + total, terms
 
     def threads(self, device: torch.device) -> int:
         """The threads that run a step's rollouts: `rollout_threads`, or when 0, the process's
