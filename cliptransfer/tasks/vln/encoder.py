@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from cliptransfer.forkjoin import fork
 from cliptransfer.tasks.vln.step_linear import StepLinear, lstm_cell
 
 __all__ = ["packed_bilstm"]
@@ -51,6 +52,56 @@ def _direction(data: torch.Tensor, sizes: list[int], weights: list[torch.Tensor]
     return torch.cat(outs), torch.cat([d[0] for d in done]), torch.cat([d[1] for d in done])
 
 
+class _Island:
+    """One direction's graph, built on leaves of its own (the packed input and the weights), so
+    that its backward is one `torch.autograd.grad` call that any thread can run."""
+
+    def __init__(self, data: torch.Tensor, sizes: list[int], weights: list[torch.Tensor],
+                 reverse: bool) -> None:  # fmt: skip
+        with torch.enable_grad():
+            self.data = data.detach().requires_grad_(data.requires_grad)
+            self.weights = [w.detach().requires_grad_(w.requires_grad) for w in weights]
+            self.outputs = _direction(self.data, sizes, self.weights, reverse)
+
+    def grads(self, grad_outputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor | None]:
+        """The gradients of (data, *weights) from those of (outputs, h, c); the graph goes."""
+        inputs = [t for t in (self.data, *self.weights) if t.requires_grad]
+        got = iter(torch.autograd.grad(self.outputs, inputs, grad_outputs, allow_unused=True))
+        self.outputs = None
+        return [next(got) if t.requires_grad else None for t in (self.data, *self.weights)]
+
+
+class _TwoDirections(torch.autograd.Function):
+    """Both directions, each an `_Island`; backward forms the reverse direction's gradients on
+    an idle rollout thread if there is one (`forkjoin`) while this thread forms the forward
+    one's: the last work of a rollout's backward, halved when the other rollouts are done."""
+
+    @staticmethod
+    def forward(ctx, data, sizes, *weights):  # weights: the forward four, then the reverse four
+        device = data.device.type
+        amp = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+
+        def reverse_island() -> _Island:  # wherever it runs, under this thread's autocast
+            with torch.autocast(device, dtype=amp[1], enabled=amp[0]):
+                return _Island(data, sizes, list(weights[4:]), True)
+
+        reverse = fork(reverse_island)
+        forward = _Island(data, sizes, list(weights[:4]), False)
+        ctx.islands = (forward, reverse.join())
+        return tuple(t.detach() for island in ctx.islands for t in island.outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):  # those of (out, h, c) forward, then reverse
+        forward, reverse = ctx.islands
+        ctx.islands = None
+        job = fork(lambda: reverse.grads(grads[3:]))
+        grad_f = forward.grads(grads[:3])
+        grad_r = job.join()
+        grad_data = grad_f[0] if grad_r[0] is None else grad_r[0] if grad_f[0] is None else (
+            grad_f[0] + grad_r[0])  # fmt: skip
+        return (grad_data, None, *grad_f[1:], *grad_r[1:])
+
+
 def packed_bilstm(
     lstm: nn.LSTM, packed: PackedSequence
 ) -> tuple[PackedSequence, tuple[torch.Tensor, torch.Tensor]]:
@@ -62,12 +113,17 @@ def packed_bilstm(
         return lstm(packed)
     sizes = packed.batch_sizes.tolist()
     names = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
-    forward = _direction(packed.data, sizes, [getattr(lstm, n) for n in names], False)
-    backward = _direction(packed.data, sizes, [getattr(lstm, n + "_reverse") for n in names], True)
+    weights = [getattr(lstm, n) for n in names] + [getattr(lstm, n + "_reverse") for n in names]
+    inputs = (packed.data, *weights)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        out_f, h_f, c_f, out_r, h_r, c_r = _TwoDirections.apply(packed.data, sizes, *weights)
+    else:
+        out_f, h_f, c_f = _direction(packed.data, sizes, weights[:4], False)
+        out_r, h_r, c_r = _direction(packed.data, sizes, weights[4:], True)
     order = packed.unsorted_indices
     if order is None:
         order = torch.arange(sizes[0])
-    h_n = torch.stack([forward[1], backward[1]])[:, order]  # (2, B, H)
-    c_n = torch.stack([forward[2], backward[2]])[:, order]
-    out = packed._replace(data=torch.cat([forward[0], backward[0]], 1))  # (N, 2H)
+    h_n = torch.stack([h_f, h_r])[:, order]  # (2, B, H)
+    c_n = torch.stack([c_f, c_r])[:, order]
+    out = packed._replace(data=torch.cat([out_f, out_r], 1))  # (N, 2H)
     return out, (h_n, c_n)

@@ -25,7 +25,6 @@ must reach the fp16 gradients.
 
 from __future__ import annotations
 
-import collections
 import threading
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -34,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from cliptransfer.dropout import draw_seed, local_generator
+from cliptransfer.forkjoin import run_tasks
 from cliptransfer.nav.env import NavEnv
 
 __all__ = ["Rollout", "run_rollouts"]
@@ -73,35 +73,13 @@ class _Plan:
             for j in order:
                 work(j, self.env)
             return
-        pending, lock, errors = collections.deque(order), threading.Lock(), []
-
-        def lane(k: int) -> None:
-            torch.set_num_threads(1)  # OpenMP's thread count is per calling thread
-            env = self.env.lane(k)
-            while True:
-                with lock:
-                    if not pending or errors:
-                        return
-                    j = pending.popleft()
-                try:
-                    work(j, env)
-                except BaseException as e:  # re-raised on the calling thread
-                    errors.append(e)
-                    return
-
+        envs = [self.env] + [self.env.lane(k) for k in range(1, self.threads)]
         previous = torch.get_num_threads()
-        helpers = [threading.Thread(target=lane, args=(k,), daemon=True)
-                   for k in range(1, self.threads)]  # fmt: skip
-        try:
-            for t in helpers:
-                t.start()
-            lane(0)
+        try:  # OpenMP's thread count is per calling thread
+            run_tasks(order, self.threads, lambda j, k: work(j, envs[k]),
+                      setup=lambda k: torch.set_num_threads(1))  # fmt: skip
         finally:
-            for t in helpers:
-                t.join()
             torch.set_num_threads(previous)
-        if errors:
-            raise errors[0]
 
     def forward(self, record: bool = True) -> torch.Tensor:
         """Run every rollout; with `record`, form its gradient right after it (graphs are
