@@ -136,3 +136,25 @@ def fraction_line(
 
 def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def resident_mib() -> dict[str, float]:
+    """This process's resident memory now (MiB) by kind, from /proc/self/smaps: "total",
+    "gpu_libraries" (CUDA and Triton shared libraries: a CUDA build of torch maps them even on a
+    CPU run, and torch.optim's first optimizer imports torch._dynamo, which loads Triton), and
+    "other". Empty off Linux."""
+    path = Path("/proc/self/smaps")
+    if not path.is_file():
+        return {}
+    total = gpu = 0
+    name = ""
+    for line in path.read_text().splitlines():
+        head = line.split(maxsplit=5)
+        if len(head) >= 5 and "-" in head[0] and ":" not in head[0]:  # a mapping's first line
+            name = head[5] if len(head) > 5 else ""
+        elif line.startswith("Rss:"):
+            kib = int(head[1])
+            total += kib
+            if any(k in name for k in ("/nvidia/", "triton", "libtorch_cuda", "libcu", "libnv")):
+                gpu += kib
+    return {"total": total / 1024, "gpu_libraries": gpu / 1024, "other": (total - gpu) / 1024}

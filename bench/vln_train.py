@@ -21,7 +21,9 @@ table kept float16 (data.feature_dtype) and rollouts that stop computing ended e
 Printed: ms per batched decision step (both rollouts' steps, forward + backward + update
 amortised; the median / min / max over iterations), the matrix-product FLOPs per step and the
 time they take at this CPU's best GEMM rate, iterations/s, the episodes computed per step,
-peak RSS (and the features' share; the FLOP count runs after the peak is read). For
+peak RSS in MiB and GB (the features' share, what was resident before training, among it the
+CUDA/Triton libraries a CUDA build of torch maps on a CPU run, and what training adds; the
+FLOP count runs after the peak is read). For
 comparison, R2R-EnvDrop's train.py on this class of 2-core CPU at that setting (from the
 issue): 86 ms per decision step on 1 thread (0.6 it/s), 61 ms on 2 threads, peak RSS 3.4 GB;
 target >= 2x faster, <= 1.5 GB.
@@ -38,7 +40,7 @@ import time
 from pathlib import Path
 
 import torch
-from machine import count_flops, cpu_features, gemm_rates, load_average
+from machine import count_flops, cpu_features, gemm_rates, load_average, resident_mib
 
 from cliptransfer import malloc
 from cliptransfer.nav import NavEnv, NavTables, load_graphs, load_r2r
@@ -129,6 +131,7 @@ def main() -> None:
         computed_rows.append(sum(o["rows"] for o in outs))
         return sum(o["steps"] for o in outs)
 
+    setup = resident_mib()  # torch, the tables, the features, the model and the optimizer
     # Two warm-up iterations (the heap grows to its working size over the first two: page
     # faults that later iterations do not pay).
     iteration()
@@ -169,7 +172,14 @@ def main() -> None:
     # EnvDrop computes all 64 episodes at every step until the batch ends.
     print(f"| episodes computed per step (mean) | {rows_per_step:.1f} of "
           f"{args.batch} | {args.batch} |")  # fmt: skip
-    print(f"| peak RSS | {rss:.0f} MB (features {features.nbytes / 2**20:.0f} MB) | 3400 MB |")
+    print(f"| peak RSS | {rss:.0f} MiB = {rss * 2**20 / 1e9:.2f} GB (features "
+          f"{features.nbytes / 2**20:.0f} MiB) | 3.4 GB |")  # fmt: skip
+    if setup:  # where the peak's memory is: what is there before training, what training adds
+        print(f"| of which before training | {setup['total']:.0f} MiB: CUDA/Triton libraries "
+              f"{setup['gpu_libraries']:.0f} MiB (this torch build maps them on a CPU run; "
+              f"Triton comes with torch._dynamo, which torch.optim imports), the rest "
+              f"{setup['other']:.0f} MiB | - |")  # fmt: skip
+        print(f"| added by training (peak) | {rss - setup['total']:.0f} MiB | - |")
     print(f"\nload after: {load_average()}")
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cliptransfer.dropout import Dropout, draw_seed, dropout, dropout_mask
+from cliptransfer.dropout import Dropout, draw_seed, dropout, dropout_mask, masked
 from cliptransfer.tasks.vln.agent import _pad_packed
 from cliptransfer.tasks.vln.attention import FixedContext, SoftDotAttention, VisualContext
 from cliptransfer.tasks.vln.encoder import packed_bilstm
@@ -154,6 +154,11 @@ def test_dropout_mask_law_seed_and_rng_use():
     y = layer.train()(x)
     assert set(y.unique().tolist()) == {0.0, 2.0} and abs(float(y.mean()) - 1.0) < 0.01
     assert Dropout(0.5).state_dict() == nn.Dropout(0.5).state_dict() == {}
+    # `masked`: the same product, drawn and applied a few rows at a time.
+    for shape in ((64, 36, 512), (5, 36, 6), (3, 7)):
+        x = torch.randn(shape)
+        want = x * dropout_mask(shape, p, seed=seed)
+        assert torch.equal(masked(x, p, seed), want), shape
 
 
 def test_step_linear_equals_f_linear_over_steps_of_changing_rows():

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cliptransfer.config import ConfigError, check_range
-from cliptransfer.dropout import Dropout, draw_seed, dropout_mask
+from cliptransfer.dropout import Dropout, draw_seed, masked
 from cliptransfer.tasks.vln.attention import FixedContext, SoftDotAttention, VisualContext
 from cliptransfer.tasks.vln.encoder import packed_bilstm
 from cliptransfer.tasks.vln.step_linear import StepLinear, lstm_cell
@@ -118,7 +118,7 @@ class Follower(nn.Module):
         return FixedContext(self.drop(ctx), mask), (decoder_init, c_t)
 
     def _mask_seed(self, env_mask: torch.Tensor | None) -> int | None:
-        """The seed of one feature-dropout mask (`dropout_mask`), or None when there is no
+        """The seed of one feature-dropout mask (`dropout.masked`), or None when there is no
         feature dropout (eval, p = 0, or environmental dropout instead)."""
         if env_mask is not None or not self.training or self.cfg.feat_dropout <= 0:
             return None
@@ -138,9 +138,7 @@ class Follower(nn.Module):
         if env_mask is not None:
             return VisualContext(features, angles, d, env_mask)
         if mask_seed is not None:
-            mask = dropout_mask(tuple(features.shape), self.cfg.feat_dropout, features.device,
-                                features.dtype, mask_seed)  # fmt: skip
-            return VisualContext(features * mask, angles, d)
+            return VisualContext(masked(features, self.cfg.feat_dropout, mask_seed), angles, d)
         return VisualContext(features, angles, d)
 
     def decoder_weights(self) -> DecoderWeights:

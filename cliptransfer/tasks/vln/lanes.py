@@ -16,6 +16,10 @@ give the same losses and gradients (at the same intra-op thread count per op), a
 reproduces the uninterrupted one. To autograd (and DDP) the rollouts are one node whose
 backward returns every parameter's gradient.
 
+A thread whose rollouts are done lends itself to the others' forked sub-jobs (`forkjoin`: the
+instruction encoder's reverse direction), so the unequal rollouts (A2C walks longer than
+imitation) leave less idle time at the end of a step.
+
 Memory: a rollout forms its gradient as soon as it ends, on its lane, and its graph (~100 MB at
 R2R-EnvDrop's sizes) is freed then, so at most one graph per lane is alive instead of every
 rollout's until the step's backward; that backward only hands over the sum (scaled when the
