@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["Forked", "fork", "run_tasks"]
+__all__ = ["Forked", "can_fork", "fork", "run_tasks"]
 
 _local = threading.local()  # .pool: the calling thread's `_Pool`, while it runs tasks
 
@@ -61,10 +61,18 @@ def fork(fn: Callable[[], Any]) -> Forked:
     return job
 
 
+def can_fork() -> bool:
+    """Whether the calling thread runs in `run_tasks` beside other threads (that may take a
+    forked job): work that costs something to split can run whole when not."""
+    pool = getattr(_local, "pool", None)
+    return pool is not None and pool.threads > 1
+
+
 class _Pool:
     """Tasks not started, forked jobs not taken, and the tasks running, under one condition."""
 
-    def __init__(self, order: Sequence[int]) -> None:
+    def __init__(self, order: Sequence[int], threads: int) -> None:
+        self.threads = threads
         self.cond = threading.Condition()
         self.pending = collections.deque(order)
         self.jobs: collections.deque[Forked] = collections.deque()
@@ -113,7 +121,7 @@ def run_tasks(order: Sequence[int], threads: int, work: Callable[[int, int], Non
     """work(task, k) for every task in `order` (started in that order) on `threads` threads,
     k the thread's index (0: the calling thread), after setup(k) on each; each thread also runs
     jobs forked by the others. The first error is re-raised here after every thread stopped."""
-    pool = _Pool(order)
+    pool = _Pool(order, threads)
 
     def thread(k: int) -> None:
         _local.pool = pool

@@ -52,6 +52,11 @@ def test_a_forked_job_nobody_takes_runs_at_join_and_its_error_reaches_the_caller
     with pytest.raises(ZeroDivisionError):
         run_tasks([0], 1, work)  # one thread: nobody else can take the job
     assert out == [True]
+    # can_fork: only beside other threads of a pool.
+    seen = []
+    run_tasks([0], 1, lambda task, k: seen.append(forkjoin.can_fork()))
+    run_tasks([0, 1], 2, lambda task, k: seen.append(forkjoin.can_fork()))
+    assert seen == [False, True, True] and not forkjoin.can_fork()
 
 
 def test_a_failing_task_stops_the_others_from_starting_and_is_raised():
@@ -68,9 +73,10 @@ def test_a_failing_task_stops_the_others_from_starting_and_is_raised():
 
 
 def test_encoder_directions_forked_to_another_thread_give_the_same_gradients(monkeypatch):
-    # The bi-LSTM's reverse direction (its forward and its backward) runs on whichever thread
-    # takes it: inline (one thread) or on an idle second thread (made certain here: each fork
-    # waits until the job is taken), the outputs and gradients are bit-identical.
+    # Beside another thread the bi-LSTM's directions are autograd islands and the reverse one
+    # (its forward and its backward) runs on whichever thread takes it (the idle second thread
+    # here: each fork waits until the job is taken); alone (one thread) they are one graph.
+    # Outputs and gradients are bit-identical.
     torch.manual_seed(0)
     lstm = nn.LSTM(6, 5, batch_first=True, bidirectional=True)
     x = torch.randn(4, 7, 6, requires_grad=True)
