@@ -11,7 +11,8 @@ on the same batches. The report prints NE / SR / SPL / nDTW / SDTW on val_seen a
 next to the random and forward-only walkers and the no-vision agent. On the CPU a step's
 rollouts (imitation and A2C, agent and twin) run side by side on the process's threads, one
 intra-op thread each (`rollout_threads`; a generator per rollout, so the numbers do not depend
-on how many threads ran them).
+on how many threads ran them), and a thread whose rollouts are done takes the others' forked
+sub-jobs (`cliptransfer.forkjoin`). 3 epochs, ~7 minutes on 2 cores.
 
     accelerate launch tasks/vln.py
     python tasks/vln.py                                            # the same, one process
