@@ -61,6 +61,9 @@ class _Plan:
         self.seeds = [draw_seed() for _ in self.rollouts]  # in order, whatever runs them
         self.outputs: list[dict | None] = [None] * len(self.rollouts)
         self.total: list[torch.Tensor | None] = [None] * len(params)  # the summed gradients
+        self._ready: dict[int, tuple | None] = {}  # rollouts' gradients waiting for their turn
+        self._added = 0  # the rollouts summed so far (in order)
+        self._lock = threading.Lock()
         self.eager = False
         device = env.features.device.type  # where the rollouts compute
         self.autocast = (
@@ -92,16 +95,6 @@ class _Plan:
         device, enabled, dtype = self.autocast
         # fp16 needs the loss scale (GradScaler) through backward: those graphs stay until then.
         self.eager = record and not (enabled and dtype == torch.float16)
-        lock, ready, added = threading.Lock(), {}, [0]
-
-        def accumulate(j: int, grads) -> None:
-            with lock:  # every rollout's turn in order, whichever thread finishes it
-                ready[j] = grads
-                while added[0] in ready:
-                    for i, g in enumerate(ready.pop(added[0]) or ()):
-                        if g is not None:
-                            self.total[i] = g if self.total[i] is None else self.total[i] + g
-                    added[0] += 1
 
         def work(j: int, env: NavEnv) -> None:
             generator = torch.Generator().manual_seed(self.seeds[j])
@@ -113,7 +106,7 @@ class _Plan:
                 grads = None
                 if loss.requires_grad:
                     grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-                accumulate(j, grads)
+                self._add(j, grads)
             self.outputs[j] = out
 
         self._lanes(work)
@@ -126,20 +119,28 @@ class _Plan:
             if float(grad) == 1.0:  # the usual case: exactly the gradients formed in forward
                 return total
             return [None if g is None else g * grad.to(g.dtype) for g in total]
-        grads: list = [None] * len(self.rollouts)
 
         def work(j: int, _env: NavEnv) -> None:
             loss, self.outputs[j]["loss"] = self.outputs[j]["loss"], None  # its graph goes
+            grads = None
             if loss.requires_grad:
-                grads[j] = torch.autograd.grad(loss, self.params, grad, allow_unused=True)
+                grads = torch.autograd.grad(loss, self.params, grad, allow_unused=True)
+            self._add(j, grads)
 
         self._lanes(work)
-        total: list[torch.Tensor | None] = [None] * len(self.params)
-        for per_param in grads:  # the rollouts' order: the same sum on any number of threads
-            for i, g in enumerate(per_param or ()):
-                if g is not None:
-                    total[i] = g if total[i] is None else total[i] + g
+        total, self.total = self.total, []
         return total
+
+    def _add(self, j: int, grads: tuple | None) -> None:
+        """Rollout j's gradients into the sum, in the rollouts' order whichever thread ends
+        which rollout first: the same sum on any number of threads."""
+        with self._lock:
+            self._ready[j] = grads
+            while self._added in self._ready:
+                for i, g in enumerate(self._ready.pop(self._added) or ()):
+                    if g is not None:
+                        self.total[i] = g if self.total[i] is None else self.total[i] + g
+                self._added += 1
 
 
 class _Rollouts(torch.autograd.Function):
