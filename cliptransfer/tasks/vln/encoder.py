@@ -103,8 +103,8 @@ class _TwoDirections(torch.autograd.Function):
         job = fork(lambda: reverse.grads(grads[3:]))
         grad_f = forward.grads(grads[:3])
         grad_r = job.join()
-        grad_data = grad_f[0] if grad_r[0] is None else grad_r[0] if grad_f[0] is None else (
-            grad_f[0] + grad_r[0])  # fmt: skip
+        # Both islands read the same input: it needs a gradient in both or in neither.
+        grad_data = None if grad_f[0] is None else grad_f[0] + grad_r[0]
         return (grad_data, None, *grad_f[1:], *grad_r[1:])
 
 
