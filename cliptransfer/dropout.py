@@ -66,11 +66,15 @@ def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device | str = 
         gen = None if seed is None else torch.Generator(device).manual_seed(seed)
         return (torch.rand(shape, device=device, generator=gen) >= p).to(dtype) / (1.0 - p)
     n = math.prod(shape)
-    words = np.random.SFC64(draw_seed() if seed is None else seed).random_raw((n + 1) // 2)
-    # int32 uniform on [-2^31, 2^31): P(x >= t) = 1 - round(p 2^32) / 2^32.
-    keep = words.view(np.int32)[:n] >= np.int32(round(p * 2**32) - 2**31)
-    mask = np.multiply(keep, np.float32(1.0 / (1.0 - p)), dtype=np.float32)
+    mask = _draw_mask(np.random.SFC64(draw_seed() if seed is None else seed), n, p)
     return torch.from_numpy(mask).view(shape).to(dtype)
+
+
+def _draw_mask(stream: np.random.SFC64, n: int, p: float) -> np.ndarray:
+    """The next n mask values (float32, 1 / (1 - p) or 0) of an SFC64 stream: each raw 64-bit
+    word gives two int32 uniforms on [-2^31, 2^31), P(x >= t) = 1 - round(p 2^32) / 2^32."""
+    keep = stream.random_raw((n + 1) // 2).view(np.int32)[:n] >= np.int32(round(p * 2**32) - 2**31)
+    return np.multiply(keep, np.float32(1.0 / (1.0 - p)), dtype=np.float32)
 
 
 def masked(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
@@ -86,13 +90,10 @@ def masked(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
         raise ValueError(f"dropout probability {p}: must be in [0, 1)")
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     stream = np.random.SFC64(seed)
-    threshold = np.int32(round(p * 2**32) - 2**31)
-    scale = np.float32(1.0 / (1.0 - p))
     rows = max(1, (1 << 17) // max(1, x[0].numel()))  # ~0.5 MB of draws at a time
-    for start in range(0, len(x), rows):
+    for start in range(0, len(x), rows):  # even chunks: the stream continues word for word
         part = x[start : start + rows]
-        keep = stream.random_raw(part.numel() // 2).view(np.int32) >= threshold
-        mask = torch.from_numpy(np.multiply(keep, scale, dtype=np.float32)).view(part.shape)
+        mask = torch.from_numpy(_draw_mask(stream, part.numel(), p)).view(part.shape)
         torch.mul(part, mask.to(x.dtype), out=out[start : start + rows])
     return out
 

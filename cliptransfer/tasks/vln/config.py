@@ -39,10 +39,10 @@ class VLNConfig(RunConfig):
     # lr 1e-3, at most 15 decisions (house paths have <= 6 moves), view features rescaled to
     # norm 20, dropout 0.2 / feature dropout 0.1, imitation + A2C with mlWeight 1.0, 3 epochs
     # of 4,320 instructions (204 updates; 427 s on 2 Zen 3 cores in a slow hour, where 4
-    # epochs took 605 s; the lr is constant, so the 4th epoch only added one more: the agent
-    # peaked at the 3rd, 40.1 then 39.5 val_unseen SR). The
-    # follower alone (--set stage=follower --set train.epochs=5, ~6 minutes) beat its no-vision
-    # twin on unseen houses by +1.5 to +4.4 SR; this default by +5.8 to +7.3 (README).
+    # epochs took 605 s; the lr is constant, so those are the first 3 of 4 and the agent had
+    # peaked at the 3rd: 40.1 then 39.5 val_unseen SR). The follower alone (--set
+    # stage=follower --set train.epochs=5, ~6 minutes) beat its no-vision twin on unseen
+    # houses by +1.5 to +4.4 SR; this default by +9.8 (4 epochs: +5.8 to +7.3; README).
     # Measured on `medium`: with EnvDrop's mlWeight 0.2 and dropout 0.5 / 0.3 the follower did
     # not beat its no-vision twin in this budget (EnvDrop: 80k updates). EnvDrop's own settings
     # (mlWeight 0.2, hidden 512, lr 1e-4, 35 actions) are configs/tasks/vln_r2r_envdrop.yaml.
