@@ -138,23 +138,33 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+_GPU_LIBRARIES = ("/nvidia/", "triton", "libtorch_cuda", "libcu", "libnv")
+
+
 def resident_mib() -> dict[str, float]:
     """This process's resident memory now (MiB) by kind, from /proc/self/smaps: "total",
-    "gpu_libraries" (CUDA and Triton shared libraries: a CUDA build of torch maps them even on a
-    CPU run, and torch.optim's first optimizer imports torch._dynamo, which loads Triton), and
-    "other". Empty off Linux."""
+    "gpu_libraries" (CUDA and Triton shared libraries with their zero-initialised data: a CUDA
+    build of torch maps them even on a CPU run, and torch.optim's first optimizer imports
+    torch._dynamo, which loads Triton), and "other". Empty off Linux."""
     path = Path("/proc/self/smaps")
     if not path.is_file():
         return {}
     total = gpu = 0
-    name = ""
+    name, gpu_mapping, previous_gpu_end = "", False, -1
     for line in path.read_text().splitlines():
         head = line.split(maxsplit=5)
         if len(head) >= 5 and "-" in head[0] and ":" not in head[0]:  # a mapping's first line
+            start, end = (int(a, 16) for a in head[0].split("-"))
             name = head[5] if len(head) > 5 else ""
+            gpu_mapping = any(k in name for k in _GPU_LIBRARIES) or (
+                # A library's .bss is the nameless mapping right after its file's last one
+                # (libcublasLt's is ~80 MiB, all of it touched by its initialisers).
+                not name and start == previous_gpu_end
+            )
+            previous_gpu_end = end if gpu_mapping and name else -1
         elif line.startswith("Rss:"):
             kib = int(head[1])
             total += kib
-            if any(k in name for k in ("/nvidia/", "triton", "libtorch_cuda", "libcu", "libnv")):
+            if gpu_mapping:
                 gpu += kib
     return {"total": total / 1024, "gpu_libraries": gpu / 1024, "other": (total - gpu) / 1024}

@@ -124,10 +124,12 @@ def main() -> None:
                                      compact=compact)  # fmt: skip
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             loss, outs = run_rollouts(rollouts, env, list(agent.parameters()), threads)
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(agent.parameters(), 40.0)
         opt.step()
+        opt.zero_grad(
+            set_to_none=True
+        )  # as the engine's loop: no gradient kept until the next step
         computed_rows.append(sum(o["rows"] for o in outs))
         return sum(o["steps"] for o in outs)
 

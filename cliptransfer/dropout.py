@@ -3,10 +3,11 @@
 nn.Dropout's CPU kernel draws one Bernoulli variate per element from torch's Mersenne Twister:
 42 ms for the follower's (64, 80, 512) instruction context and 6 ms for the (64, 36, 512) view
 features, one thread, which made dropout ~15 % of a training step (bench/vln_train.py). Here one
-draw from torch's generator seeds numpy's SFC64, whose raw 64-bit words give two 32-bit
-uniforms each, compared in numpy: ~4x less time for the same distribution (keep with
-probability 1 - p to 2^-32, kept values scaled by 1 / (1 - p)). Runs stay deterministic and
-resumable: everything follows from torch's RNG state. On other devices torch draws the mask.
+draw from torch's generator seeds numpy's SFC64, whose raw 64-bit words give the uniforms,
+compared in numpy: ~4x less time for the same distribution (keep with probability 1 - p to
+2^-32, kept values scaled by 1 / (1 - p)); p = 0.5 (EnvDrop's dropout) takes one bit per value
+instead of 32, its draws ~4x faster again. Runs stay deterministic and resumable: everything
+follows from torch's RNG state. On other devices torch draws the mask.
 
 `local_generator` gives the calling thread its own generator for these draws: work run on
 several threads at once (the follower's rollouts) then draws the same numbers on any thread.
@@ -14,6 +15,7 @@ several threads at once (the follower's rollouts) then draws the same numbers on
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Iterator
@@ -71,10 +73,22 @@ def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device | str = 
 
 
 def _draw_mask(stream: np.random.SFC64, n: int, p: float) -> np.ndarray:
-    """The next n mask values (float32, 1 / (1 - p) or 0) of an SFC64 stream: each raw 64-bit
-    word gives two int32 uniforms on [-2^31, 2^31), P(x >= t) = 1 - round(p 2^32) / 2^32."""
+    """The next n mask values (float32, 1 / (1 - p) or 0) of an SFC64 stream. p = 0.5: one bit
+    per value, set = kept (64 values a 64-bit word); other p: each word gives two int32
+    uniforms on [-2^31, 2^31), P(x >= t) = 1 - round(p 2^32) / 2^32."""
+    if p == 0.5:  # each byte's 8 mask values (low bit first) looked up at once
+        words = stream.random_raw(-(-n // 64))
+        return np.take(_byte_masks(0.5), words.view(np.uint8), axis=0).reshape(-1)[:n]
     keep = stream.random_raw((n + 1) // 2).view(np.int32)[:n] >= np.int32(round(p * 2**32) - 2**31)
     return np.multiply(keep, np.float32(1.0 / (1.0 - p)), dtype=np.float32)
+
+
+@functools.cache
+def _byte_masks(p: float) -> np.ndarray:
+    """(256, 8) float32: the mask values (0 or 1 / (1 - p)) of each byte's 8 keep bits, low
+    bit first."""
+    bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
+    return np.multiply(bits, np.float32(1.0 / (1.0 - p)), dtype=np.float32)
 
 
 def masked(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
@@ -84,14 +98,15 @@ def masked(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     every decision, and the draw and the float mask were each a ~5 MB block (batch 64, D 512)
     written and read again every step: a few rows at a time they stay in cache, ~6 % less
     time per training step on two threads (bench/vln_train.py, in-process A/B)."""
-    if x.device.type != "cpu" or x.dim() < 2 or x[0].numel() % 2 or x.requires_grad:
-        return x * dropout_mask(tuple(x.shape), p, x.device, x.dtype, seed)
     if not 0 <= p < 1:
         raise ValueError(f"dropout probability {p}: must be in [0, 1)")
+    per_word = 64 if p == 0.5 else 2  # mask values per 64-bit word of the stream
+    if x.device.type != "cpu" or x.dim() < 2 or x[0].numel() % per_word or x.requires_grad:
+        return x * dropout_mask(tuple(x.shape), p, x.device, x.dtype, seed)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     stream = np.random.SFC64(seed)
     rows = max(1, (1 << 17) // max(1, x[0].numel()))  # ~0.5 MB of draws at a time
-    for start in range(0, len(x), rows):  # even chunks: the stream continues word for word
+    for start in range(0, len(x), rows):  # whole words: the stream continues word for word
         part = x[start : start + rows]
         mask = torch.from_numpy(_draw_mask(stream, part.numel(), p)).view(part.shape)
         torch.mul(part, mask.to(x.dtype), out=out[start : start + rows])

@@ -3,6 +3,7 @@ same gradients (bench/vln_train.py says what each one saves), and the dropout ma
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -126,16 +127,30 @@ def test_visual_context_equals_its_dense_concatenation():
     assert (VisualContext(None, angle, 6).dense()[..., :6] == 0).all()
 
 
+@pytest.mark.parametrize("p", [0.3, 0.5])  # 32 and 1 bits of the stream per value
+def test_dropout_mask_law_at_both_bit_widths(p):
+    # Values are exactly 0 or 1 / (1 - p); the drop rate is p (binomial: n = 2^20, sd <=
+    # 0.0005, so p +- 0.003 is > 6 sd); a mask is a function of its seed; consecutive values
+    # are independent (the rate of drop-drop pairs is p^2, 6 sd of ~0.0004).
+    mask = dropout_mask((1024, 1024), p, seed=7)
+    assert mask.dtype == torch.float32 and mask.shape == (1024, 1024)
+    assert torch.equal(mask.unique(), torch.tensor([0.0, 1 / (1 - p)]))
+    dropped = (mask == 0).flatten()
+    assert abs(float(dropped.float().mean()) - p) < 0.003
+    assert abs(float((dropped[:-1] & dropped[1:]).float().mean()) - p * p) < 0.0025
+    assert torch.equal(dropout_mask((1024, 1024), p, seed=7), mask)
+    assert not torch.equal(dropout_mask((1024, 1024), p, seed=8), mask)
+    if p == 0.5:  # by definition: the stream's bits, low bit first, 1 = kept (value 2)
+        word = int(np.random.SFC64(7).random_raw())
+        assert mask.flatten()[:64].tolist() == [2.0 * (word >> i & 1) for i in range(64)]
+
+
 def test_dropout_mask_law_seed_and_rng_use():
-    # Values are exactly 0 or 1 / (1 - p); a mask is a function of its seed; the keep rate
-    # is 1 - p (binomial: n = 2^20, sd 0.00045, so 0.3 +- 0.003 is > 6 sd); one mask costs
-    # torch's generator exactly one draw (what `draw_seed` takes), so runs stay reproducible.
+    # One mask costs torch's generator exactly one draw (what `draw_seed` takes), so runs stay
+    # reproducible, and the mask is the one that draw seeds.
     p = 0.3
     torch.manual_seed(0)
     mask = dropout_mask((1024, 1024), p)
-    assert mask.dtype == torch.float32 and mask.shape == (1024, 1024)
-    assert torch.equal(mask.unique(), torch.tensor([0.0, 1 / (1 - p)]))
-    assert abs(float((mask == 0).float().mean()) - p) < 0.003
     torch.manual_seed(0)
     seed = draw_seed()
     after_one_draw = torch.rand(1)
@@ -154,11 +169,12 @@ def test_dropout_mask_law_seed_and_rng_use():
     y = layer.train()(x)
     assert set(y.unique().tolist()) == {0.0, 2.0} and abs(float(y.mean()) - 1.0) < 0.01
     assert Dropout(0.5).state_dict() == nn.Dropout(0.5).state_dict() == {}
-    # `masked`: the same product, drawn and applied a few rows at a time.
-    for shape in ((64, 36, 512), (5, 36, 6), (3, 7)):
-        x = torch.randn(shape)
-        want = x * dropout_mask(shape, p, seed=seed)
-        assert torch.equal(masked(x, p, seed), want), shape
+    # `masked`: the same product, drawn and applied a few rows at a time (whole 64-bit words
+    # of the stream per chunk: 2 values a word at p = 0.3, 64 at p = 0.5).
+    for q in (p, 0.5):
+        for shape in ((64, 36, 512), (5, 36, 6), (3, 7), (3, 128)):
+            x = torch.randn(shape)
+            assert torch.equal(masked(x, q, seed), x * dropout_mask(shape, q, seed=seed)), shape
 
 
 def test_step_linear_equals_f_linear_over_steps_of_changing_rows():
