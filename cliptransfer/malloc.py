@@ -8,9 +8,14 @@ when freed, and are zero-filled by the kernel again when reallocated), `trim` re
 free pages after a large one-off build, and `keep_freed_memory` is the opposite policy for speed
 benchmarks: nothing is ever given back, so no page is zero-filled twice.
 
-Measured on navigation training (bench/vln_train.py --recompute-views, R2R setting, 2-core
-Zen 4 VM): peak RSS 2.35 GB with glibc's sliding threshold, 1.82 GB pinned at 1 MiB, but 98 ->
-220 ms per decision step from the page faults; tasks/vln.py therefore keeps glibc's default.
+Measured on navigation training (bench/vln_train.py, R2R-EnvDrop's setting, two threads, 2-core
+Zen 3 VM, stop 31): with glibc's sliding threshold the rollouts' blocks of 2-10 MiB (the
+(B, 36, D) views, the stashed step inputs, the gradient products) come from the heap and leave
+holes there: peak RSS 1,477-1,492 MiB. Pinned at 2 MiB (`--malloc fixed`): 1,389-1,403 MiB
+(1.46-1.47 GB), but each such block is then fresh pages to fault in and zero, ~600 MB per
+iteration: 29-34 ms per decision step where the sliding threshold took 24-28 in the same
+minutes (1 MiB costs more; session 21, older code: 98 -> 220 ms per step at 1 MiB).
+tasks/vln.py therefore keeps glibc's default.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-def fix_mmap_threshold(nbytes: int = 1 << 20) -> bool:
+def fix_mmap_threshold(nbytes: int = 2 << 20) -> bool:
     """Serve every block of `nbytes` or more by mmap and unmap it when freed (mallopt
     M_MMAP_THRESHOLD, which also stops glibc from raising it)."""
     libc = _libc()
