@@ -128,9 +128,8 @@ def main() -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(agent.parameters(), 40.0)
         opt.step()
-        opt.zero_grad(
-            set_to_none=True
-        )  # as the engine's loop: no gradient kept until the next step
+        # As the engine's loop: no gradient is kept through the next step's rollouts.
+        opt.zero_grad(set_to_none=True)
         computed_rows.append(sum(o["rows"] for o in outs))
         return sum(o["steps"] for o in outs)
 
