@@ -76,14 +76,19 @@ _HALF_MASKS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bit
 _HALF_MASKS = _HALF_MASKS.astype(np.float32) * np.float32(2.0)
 
 
+def _values_per_word(p: float) -> int:
+    """Mask values per 64-bit word of the stream: 64 at p = 0.5 (one bit each), else 2."""
+    return 64 if p == 0.5 else 2
+
+
 def _draw_mask(stream: np.random.SFC64, n: int, p: float) -> np.ndarray:
     """The next n mask values (float32, 1 / (1 - p) or 0) of an SFC64 stream. p = 0.5: one bit
-    per value, set = kept (64 values a 64-bit word); other p: each word gives two int32
-    uniforms on [-2^31, 2^31), P(x >= t) = 1 - round(p 2^32) / 2^32."""
+    per value, set = kept; other p: each word gives two int32 uniforms on [-2^31, 2^31),
+    P(x >= t) = 1 - round(p 2^32) / 2^32."""
+    words = stream.random_raw(-(-n // _values_per_word(p)))
     if p == 0.5:  # each byte's 8 mask values (low bit first) looked up at once
-        words = stream.random_raw(-(-n // 64))
         return np.take(_HALF_MASKS, words.view(np.uint8), axis=0).reshape(-1)[:n]
-    keep = stream.random_raw((n + 1) // 2).view(np.int32)[:n] >= np.int32(round(p * 2**32) - 2**31)
+    keep = words.view(np.int32)[:n] >= np.int32(round(p * 2**32) - 2**31)
     return np.multiply(keep, np.float32(1.0 / (1.0 - p)), dtype=np.float32)
 
 
@@ -96,8 +101,8 @@ def masked(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     time per training step on two threads (bench/vln_train.py, in-process A/B)."""
     if not 0 <= p < 1:
         raise ValueError(f"dropout probability {p}: must be in [0, 1)")
-    per_word = 64 if p == 0.5 else 2  # mask values per 64-bit word of the stream
-    if x.device.type != "cpu" or x.dim() < 2 or x[0].numel() % per_word or x.requires_grad:
+    whole_words = x.dim() >= 2 and x[0].numel() % _values_per_word(p) == 0
+    if x.device.type != "cpu" or not whole_words or x.requires_grad:
         return x * dropout_mask(tuple(x.shape), p, x.device, x.dtype, seed)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     stream = np.random.SFC64(seed)
