@@ -144,8 +144,8 @@ _GPU_LIBRARIES = ("/nvidia/", "triton", "libtorch_cuda", "libcu", "libnv")
 def resident_mib() -> dict[str, float]:
     """This process's resident memory now (MiB) by kind, from /proc/self/smaps: "total",
     "gpu_libraries" (CUDA and Triton shared libraries with their zero-initialised data: a CUDA
-    build of torch maps them even on a CPU run, and torch.optim's first optimizer imports
-    torch._dynamo, which loads Triton), and "other". Empty off Linux."""
+    build of torch maps them even on a CPU run, and torch._dynamo, which torch.optim's first
+    optimizer and torchvision import, loads Triton), and "other". Empty off Linux."""
     path = Path("/proc/self/smaps")
     if not path.is_file():
         return {}

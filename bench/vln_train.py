@@ -22,8 +22,11 @@ Printed: ms per batched decision step (both rollouts' steps, forward + backward 
 amortised; the median / min / max over iterations), the matrix-product FLOPs per step and the
 time they take at this CPU's best GEMM rate, iterations/s, the episodes computed per step,
 peak RSS in MiB and GB (the features' share, what was resident before training, among it the
-CUDA/Triton libraries a CUDA build of torch maps on a CPU run, and what training adds; the
-FLOP count runs after the peak is read). For
+CUDA libraries a CUDA build of torch maps on a CPU run, and what training adds; the
+FLOP count runs after the peak is read). The optimizer is tasks/vln.py's
+(`cliptransfer.engine.rmsprop`: torch's RMSprop update without torch.optim's torch._dynamo
+import, which brings Triton: ~110-150 MiB; tasks/vln.py itself imports torch._dynamo anyway,
+through timm -> torchvision, for its CLIP towers). For
 comparison, R2R-EnvDrop's train.py on this class of 2-core CPU at that setting (from the
 issue): 86 ms per decision step on 1 thread (0.6 it/s), 61 ms on 2 threads, peak RSS 3.4 GB;
 target >= 2x faster, <= 1.5 GB.
@@ -43,6 +46,7 @@ import torch
 from machine import count_flops, cpu_features, gemm_rates, load_average, resident_mib
 
 from cliptransfer import malloc
+from cliptransfer.engine.rmsprop import RMSprop
 from cliptransfer.nav import NavEnv, NavTables, load_graphs, load_r2r
 from cliptransfer.tasks.vln.agent import Follower, FollowerConfig
 from cliptransfer.tasks.vln.config import RLConfig
@@ -105,7 +109,7 @@ def main() -> None:
     cfg = FollowerConfig(recompute_views=args.recompute_views)
     threads = args.rollout_threads or args.threads
     agent = Follower(cfg, tok.vocab_size, args.dim, tables.view_angles.shape[-1])
-    opt = torch.optim.RMSprop(agent.parameters(), lr=1e-4)
+    opt = RMSprop(agent.parameters(), lr=1e-4)  # tasks/vln.py's (torch's update)
     print(f"{len(scans)} scans, {len(tables)} viewpoints, {len(train)} training instructions, "
           f"batch {args.batch}, D={args.dim}, max {args.max_steps} actions, {args.precision}, "
           f"{args.feature_dtype} view table, rollouts on {min(threads, 2)} thread(s), malloc "
@@ -178,8 +182,8 @@ def main() -> None:
           f"{features.nbytes / 2**20:.0f} MiB) | 3.4 GB |")  # fmt: skip
     if setup:  # where the peak's memory is: what is there before training, what training adds
         print(f"| of which before training | {setup['total']:.0f} MiB: CUDA/Triton libraries "
-              f"{setup['gpu_libraries']:.0f} MiB (this torch build maps them on a CPU run; "
-              f"Triton comes with torch._dynamo, which torch.optim imports), the rest "
+              f"{setup['gpu_libraries']:.0f} MiB (this torch build maps them on a CPU run), "
+              f"the rest "
               f"{setup['other']:.0f} MiB | - |")  # fmt: skip
         print(f"| added by training (peak) | {rss - setup['total']:.0f} MiB | - |")
     print(f"\nload after: {load_average()}")

@@ -18,6 +18,7 @@ from cliptransfer import malloc
 from cliptransfer.config import ConfigError, to_dict
 from cliptransfer.engine.evaluation import peak_memory
 from cliptransfer.engine.optim import OptimizerSpec
+from cliptransfer.engine.rmsprop import RMSprop
 from cliptransfer.engine.task import CompareColumns, EvalOnlyTask, register_task
 from cliptransfer.nav.env import NavEnv
 from cliptransfer.nav.tables import NavTables, load_view_table
@@ -197,9 +198,9 @@ class VLNTask(EvalOnlyTask):
                                 self.cfg.train.seed, {(e.start, e.goal) for e in train})  # fmt: skip
 
     def optimizers(self, model: nn.Module, total_steps: int) -> list[OptimizerSpec]:
-        # EnvDrop: RMSprop at a constant lr.
+        # EnvDrop: RMSprop at a constant lr (torch's update; ours does not import torch._dynamo).
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.RMSprop(params, lr=self.cfg.optim.lr)
+        opt = RMSprop(params, lr=self.cfg.optim.lr)
         return [
             OptimizerSpec("rmsprop", opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
         ]
