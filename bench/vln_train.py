@@ -7,6 +7,7 @@
     python bench/vln_train.py --precision bf16           # CPU autocast (AVX512-BF16 / AMX)
     python bench/vln_train.py --malloc fixed             # mmap threshold pinned at 2 MiB
     python bench/vln_train.py --recompute-views          # agent.recompute_views=true
+    python bench/vln_train.py --peer-iters 0             # without the same-run peer
 
 Setting (the issue's, so the figures compare with R2R-EnvDrop's own train.py + MatterSim): the
 real R2R val_seen episodes as the training split, random 36 x 512 features for every viewpoint
@@ -30,6 +31,14 @@ through timm -> torchvision, for its CLIP towers). For
 comparison, R2R-EnvDrop's train.py on this class of 2-core CPU at that setting (from the
 issue): 86 ms per decision step on 1 thread (0.6 it/s), 61 ms on 2 threads, peak RSS 3.4 GB;
 target >= 2x faster, <= 1.5 GB.
+
+The peer measured in the same run: EnvDrop's follower code as written (bench/envdrop_peer.py:
+nn.LSTM encoder, nn.LSTMCell decoder, bmm attentions, nn.Dropout, the whole batch computed
+until its last episode ends, three torch.optim.RMSprop) on our environment, `--peer-iters`
+iterations alternating with ours on the same batches, at the same precision and thread count
+(after the peak RSS is read). This VM's speed drifts by up to 1.5x between hours; the ratio
+to a peer timed in the same minutes does not. The peer leaves out MatterSim's cost, so its
+ratio is a lower bound on the speed-up over EnvDrop's train.py.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ import time
 from pathlib import Path
 
 import torch
+from envdrop_peer import EnvDropFollower
 from machine import count_flops, cpu_features, gemm_rates, load_average, resident_mib
 
 from cliptransfer import malloc
@@ -80,6 +90,9 @@ def main() -> None:
                          "10-30 %% more time (page faults)")  # fmt: skip
     ap.add_argument("--recompute-views", action="store_true",
                     help="agent.recompute_views: no view context kept for backward")  # fmt: skip
+    ap.add_argument("--peer-iters", type=int, default=3,
+                    help="iterations of EnvDrop's follower code (bench/envdrop_peer.py), "
+                         "alternating with ours on the same batches (0: none)")  # fmt: skip
     ap.add_argument("--no-compact", action="store_true",
                     help="compute every episode until the batch ends, as EnvDrop (rollouts "
                          "otherwise stop computing the episodes that have ended)")  # fmt: skip
@@ -121,10 +134,13 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     compact, computed_rows = not args.no_compact, []  # episode decisions per iteration
 
-    def iteration(threads: int = threads) -> int:
+    def draw_batch() -> tuple[list, torch.Tensor, torch.Tensor]:
         idx = torch.randperm(len(train), generator=gen)[: args.batch].tolist()
         eps = [train[i] for i in idx]
-        tokens, lengths = encode_instructions(tok, eps, 80)
+        return (eps, *encode_instructions(tok, eps, 80))
+
+    def iteration(threads: int = threads, batch: tuple | None = None) -> int:
+        eps, tokens, lengths = batch or draw_batch()
         rollouts = imitation_and_a2c(agent, eps, tokens, lengths, RLConfig(), 0.2,
                                      compact=compact)  # fmt: skip
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
@@ -153,6 +169,27 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     rows_per_step = sum(computed_rows) / steps
+    # The peer in the same minutes (a shared VM's speed drifts by up to 1.5x between hours):
+    # EnvDrop's follower code, iterations alternating with ours on the same batches. After the
+    # peak is read: its memory is not ours.
+    pairs = []
+    if args.peer_iters:
+        peer = EnvDropFollower(env.lane(7), tok.vocab_size, args.dim,
+                               tables.view_angles.shape[-1], tok.pad_id)  # fmt: skip
+
+        def peer_iteration(batch: tuple) -> int:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+                return peer.iteration(*batch)
+
+        peer_iteration(draw_batch())  # warm-up
+        for _ in range(args.peer_iters):
+            batch = draw_batch()
+            pair = []
+            for run in (lambda b: iteration(batch=b), peer_iteration):
+                t = time.perf_counter()
+                n = run(batch)
+                pair.append((time.perf_counter() - t, n))
+            pairs.append(pair)
     # After the peak is read: the FLOP counter's imports are not the training's memory.
     # On one thread: the FLOP counter (a dispatch mode) sees only its own thread's ops.
     counted_steps, flops = count_flops(lambda: iteration(1))
@@ -173,6 +210,14 @@ def main() -> None:
     print(f"| matrix-product work per decision step | {gflop_step:.2f} GFLOP (FlopCounterMode): "
           f"{1000 * gflop_step / rate:.1f} ms at this CPU's {rate:.0f} GFLOP/s "
           f"{args.precision} 2048^3 GEMM rate | same model |")  # fmt: skip
+    if pairs:
+        ours_ms, peer_ms = (1000 * sum(p[k][0] for p in pairs) / sum(p[k][1] for p in pairs)
+                            for k in (0, 1))  # fmt: skip
+        ratios = [(p[1][0] / p[1][1]) / (p[0][0] / p[0][1]) for p in pairs]
+        print(f"| ms per decision step, alternating with EnvDrop's follower code on the same "
+              f"{len(pairs)} batches (bench/envdrop_peer.py; our environment, no simulator) | "
+              f"{ours_ms:.1f} (**{peer_ms / ours_ms:.1f}x** faster; per batch "
+              f"{min(ratios):.1f}-{max(ratios):.1f}x) | {peer_ms:.1f} (measured here) |")  # fmt: skip
     print(f"| iterations/s | {args.iters / seconds:.2f} | {'0.6' if args.threads == 1 else '-'} |")
     print(f"| decision steps per iteration | {steps / args.iters:.1f} | - |")
     # EnvDrop computes all 64 episodes at every step until the batch ends.
