@@ -78,7 +78,7 @@ class RMSprop(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            if group["momentum"] or group["centered"] or group["maximize"]:
+            if any(group.get(k) for k in ("momentum", "centered", "maximize")):
                 raise ValueError(
                     "cliptransfer RMSprop implements neither momentum, centered nor maximize; "
                     "use torch.optim.RMSprop for those"
