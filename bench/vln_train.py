@@ -26,8 +26,8 @@ peak RSS in MiB and GB (the features' share, what was resident before training, 
 CUDA libraries a CUDA build of torch maps on a CPU run, and what training adds; the
 FLOP count runs after the peak is read). The optimizer is tasks/vln.py's
 (`cliptransfer.engine.rmsprop`: torch's RMSprop update without torch.optim's torch._dynamo
-import, which brings Triton: ~110-150 MiB; tasks/vln.py itself imports torch._dynamo anyway,
-through timm -> torchvision, for its CLIP towers). For
+import, which brings Triton and sympy: ~105 MiB of peak RSS here; tasks/vln.py itself
+imports torch._dynamo anyway, through timm -> torchvision, for its CLIP towers). For
 comparison, R2R-EnvDrop's train.py on this class of 2-core CPU at that setting (from the
 issue): 86 ms per decision step on 1 thread (0.6 it/s), 61 ms on 2 threads, peak RSS 3.4 GB;
 target >= 2x faster, <= 1.5 GB.

@@ -4,8 +4,8 @@ Two differences from `torch.optim.RMSprop`, neither in the arithmetic:
 - It does not import `torch._dynamo`. torch.optim's methods import it lazily on their first
   call (`Optimizer.add_param_group`, `zero_grad`, `state_dict`, `load_state_dict` are wrapped
   in `torch._disable_dynamo`, and every `step` in `_use_grad_for_differentiable`), and with it
-  Triton: ~110-150 MiB of resident memory that an eager CPU run never uses. Here the same
-  methods are bound unwrapped, so nothing changes but the import.
+  Triton and sympy: ~105 MiB of resident memory (bench/vln_train.py) that an eager CPU run
+  never uses. Here the same methods are bound unwrapped, so nothing changes but the import.
 - The square root of the running average is written into one reused scratch buffer instead of
   a fresh tensor per parameter: no per-step allocation as large as the largest weight.
 
