@@ -1,7 +1,9 @@
 """Follower training speed and memory at R2R-EnvDrop's setting (tasks/vln.py's model and rollouts).
 
-    python bench/vln_train.py                   # 1 thread, 2 warm-up + 5 timed iterations (~1 min)
-    python bench/vln_train.py --threads 2 --iters 8
+    python bench/vln_train.py                   # 1 thread, 2 warm-up + 5 timed iterations, then
+                                                # 3 of EnvDrop's code alternating with 3 of ours
+                                                # (~2 min)
+    python bench/vln_train.py --threads 2 --iters 10
     python bench/vln_train.py --no-compact               # compute ended episodes too, as EnvDrop
     python bench/vln_train.py --feature-dtype float32    # the view table kept float32
     python bench/vln_train.py --precision bf16           # CPU autocast (AVX512-BF16 / AMX)
