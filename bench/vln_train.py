@@ -2,7 +2,7 @@
 
     python bench/vln_train.py                   # 1 thread, 2 warm-up + 5 timed iterations, then
                                                 # 3 of EnvDrop's code alternating with 3 of ours
-                                                # (~2 min)
+                                                # (~1 min)
     python bench/vln_train.py --threads 2 --iters 10
     python bench/vln_train.py --no-compact               # compute ended episodes too, as EnvDrop
     python bench/vln_train.py --feature-dtype float32    # the view table kept float32
