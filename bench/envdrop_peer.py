@@ -126,11 +126,12 @@ class EnvDropFollower:
         ctx_mask = tokens[:, : lengths[0]] == self.pad_id
         h1, prev_angle = h_t, torch.zeros(batch, self.angle_dim)
         last_dist = ob.distance.numpy().astype(np.float32)
-        ended = np.zeros(batch, bool)
+        stopped = np.zeros(batch, bool)  # chose STOP (not cut at the step limit)
         ml_loss = torch.zeros(())
         rewards, hidden_states, log_probs, masks, entropies = [], [], [], [], []
         steps = 0
         while not env.done:
+            ended = env.ended.copy()  # before this action
             f_t, cand_feat, cand_leng = self._inputs(ob)
             h_t, c_t, logit, h1 = self.decoder(prev_angle, f_t, cand_feat, h1, c_t, ctx, ctx_mask)
             hidden_states.append(h_t)
@@ -157,14 +158,15 @@ class EnvDropFollower:
             rewards.append(np.where(ended, 0.0, reward).astype(np.float32))
             masks.append((~ended).astype(np.float32))
             last_dist = dist
-            ended |= stop | env.ended
+            stopped |= stop
         if feedback == "teacher":
             return ml_loss * self.ml_weight / batch, steps
-        # A2C: the critic's value of the last state, then the discounted returns, step by step.
+        # A2C: the critic's value of the last state (for episodes that did not stop, those cut
+        # at the step limit included, as EnvDrop), then the discounted returns, step by step.
         f_t, cand_feat, _ = self._inputs(ob)
         last_h, _, _, _ = self.decoder(prev_angle, f_t, cand_feat, h1, c_t, ctx, ctx_mask)
         last_value = self.critic(last_h).squeeze(1).detach().numpy()
-        discount = np.where(ended, 0.0, last_value).astype(np.float32)
+        discount = np.where(stopped, 0.0, last_value).astype(np.float32)
         rl_loss, total = torch.zeros(()), 0.0
         for t in range(len(rewards) - 1, -1, -1):
             discount = discount * self.gamma + rewards[t]

@@ -133,6 +133,9 @@ def main() -> None:
           f"follower "
           f"{sum(p.numel() for p in agent.parameters()):,} parameters\n")  # fmt: skip
 
+    def precision() -> torch.autocast:
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
     gen = torch.Generator().manual_seed(0)
     compact, computed_rows = not args.no_compact, []  # episode decisions per iteration
 
@@ -145,7 +148,7 @@ def main() -> None:
         eps, tokens, lengths = batch or draw_batch()
         rollouts = imitation_and_a2c(agent, eps, tokens, lengths, RLConfig(), 0.2,
                                      compact=compact)  # fmt: skip
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+        with precision():
             loss, outs = run_rollouts(rollouts, env, list(agent.parameters()), threads)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(agent.parameters(), 40.0)
@@ -180,7 +183,7 @@ def main() -> None:
                                tables.view_angles.shape[-1], tok.pad_id)  # fmt: skip
 
         def peer_iteration(batch: tuple) -> int:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            with precision():  # the peer at ours: bf16 autocast wherever ours uses it
                 return peer.iteration(*batch)
 
         peer_iteration(draw_batch())  # warm-up
